@@ -1,0 +1,144 @@
+"""Command line: `diffad train | evaluate | predict` (also `python -m diffad`)."""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .checkpoint import CheckpointError, load_checkpoint
+from .data import IMAGE_SUFFIXES, DataError, list_images, to_uint8
+
+log = logging.getLogger("diffad")
+
+
+def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="category folder, a folder of categories, or a Hub repo id")
+    parser.add_argument("--category", help="category inside --checkpoint (a folder of categories or a Hub repo)")
+    parser.add_argument("--revision", help="Hub branch, tag or commit to pin")
+    parser.add_argument("--device", default="cpu")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffad", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a category from a folder of good images")
+    train.add_argument("--data", required=True, help="MVTec-layout category folder (train/good) or a plain image folder")
+    train.add_argument("--out", required=True, help="checkpoint folder to write, e.g. checkpoints/NAME")
+    train.add_argument("--category", help="category name (default: the --out folder's name)")
+    train.add_argument("--resolution", type=int, default=256)
+    train.add_argument("--steps", type=int, default=4000)
+    train.add_argument("--batch-size", type=int, default=8)
+    train.add_argument("--lr", type=float, default=2e-4)
+    train.add_argument("--augment", choices=["none", "flip", "dihedral"], default="flip")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    train.add_argument("--save-every", type=int, default=500)
+    train.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
+    train.add_argument("--net", type=json.loads, default={}, help='network overrides as JSON, e.g. \'{"patch": 2}\'')
+
+    evaluate = sub.add_parser("evaluate", help="metrics on an MVTec-layout test split")
+    _add_checkpoint_args(evaluate)
+    evaluate.add_argument("--data", required=True, help="category folder with test/ and ground_truth/")
+    evaluate.add_argument("--out", help="folder for metrics.json, metrics.md and --save-maps overlays")
+    evaluate.add_argument("--save-maps", action="store_true")
+
+    predict = sub.add_parser("predict", help="score images or folders of images")
+    _add_checkpoint_args(predict)
+    predict.add_argument("inputs", nargs="+", help="image files or folders")
+    predict.add_argument("--out", required=True, help="folder for predictions.csv and overlay PNGs")
+    predict.add_argument("--seed", type=int)
+    return parser
+
+
+def _collect(inputs) -> list[Path]:
+    paths = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            paths += list_images(item)
+        elif item.exists():
+            paths.append(item)
+        else:
+            raise DataError(f"{item}: no such file or folder")
+    if not paths:
+        raise DataError("no images found in " + ", ".join(map(str, inputs)) + f" (looked for {sorted(IMAGE_SUFFIXES)})")
+    return paths
+
+
+def cmd_train(args) -> int:
+    from .train import STATE_NAME, TrainConfig, train
+
+    out = Path(args.out)
+    if (out / STATE_NAME).exists() and not args.resume:
+        raise DataError(f"{out} holds an unfinished run ({STATE_NAME}); pass --resume or choose another --out")
+    config = TrainConfig(
+        data=args.data, out=args.out, category=args.category, resolution=args.resolution, steps=args.steps,
+        batch_size=args.batch_size, lr=args.lr, augment=args.augment, seed=args.seed, device=args.device,
+        save_every=args.save_every, net=args.net,
+    )
+    train(config)
+    print(f"checkpoint written to {out}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import evaluate, markdown_table
+
+    detector = load_checkpoint(args.checkpoint, args.category, args.revision, device=args.device)
+    metrics = evaluate(detector, args.data, out=args.out, save_maps=args.save_maps)
+    print(markdown_table(metrics, detector.category))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .visualize import display_range, outline, overlay
+
+    detector = load_checkpoint(args.checkpoint, args.category, args.revision, device=args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    vmin, vmax = display_range(detector.calibration.pixel_threshold)
+    rows, failed = [], 0
+    for path in _collect(args.inputs):
+        try:
+            prediction = detector.predict(path, seed=args.seed)
+        except DataError as exc:
+            failed += 1
+            print(f"skipped: {exc}", file=sys.stderr)
+            continue
+        picture = overlay(to_uint8(prediction.image), prediction.anomaly_map, vmin, vmax)
+        picture = outline(picture, prediction.mask(), colour=(0, 255, 0))
+        overlay_path = out / f"{path.stem}_overlay.png"
+        Image.fromarray(picture).save(overlay_path)
+        rows.append([str(path), f"{prediction.score:.4f}", f"{prediction.percentile:.1f}", prediction.verdict, overlay_path.name])
+        print(f"{path}: score {prediction.score:.3f}, percentile {prediction.percentile:.1f}, {prediction.verdict}")
+    with (out / "predictions.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["file", "score", "percentile", "verdict", "overlay"])
+        writer.writerows(rows)
+    print(f"{len(rows)} images scored, {failed} unreadable skipped; results in {out / 'predictions.csv'}")
+    return 0 if rows else 1
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    handler = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict}[args.command]
+    try:
+        return handler(args)
+    except (DataError, CheckpointError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""AnomalyDetector: a trained category model (denoiser + frozen backbone + calibration) that scores images."""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .backbone import DEFAULT_BACKBONE, FeatureExtractor
+from .data import read_image, to_tensor
+from .diffusion import GaussianDiffusion
+from .models import DiffADNet, NetConfig
+from .scoring import MAP_KINDS, CombinedMaps, ScoringConfig, StepMaps, combine, step_maps
+
+FORMAT_VERSION = 1
+# Default verdict threshold: this quantile of the held-out normal images' scores.
+IMAGE_THRESHOLD_QUANTILE = 0.99
+# Default mask threshold: this quantile of the held-out normal images' pixel values.
+PIXEL_THRESHOLD_QUANTILE = 0.999
+
+
+@functools.lru_cache(maxsize=4)
+def shared_backbone(name: str = DEFAULT_BACKBONE) -> FeatureExtractor:
+    """One frozen backbone per name, shared by every loaded category."""
+    return FeatureExtractor(name)
+
+
+@dataclass
+class Calibration:
+    """What normal looks like for this category, measured on held-out good images."""
+
+    normal_scores: list[float] = field(default_factory=list)
+    image_threshold: float = float("inf")
+    pixel_threshold: float = float("inf")
+    # str(t) -> map kind -> [mean, std] over normal pixels; used to z-normalise each timestep's map.
+    step_stats: dict = field(default_factory=dict)
+
+    def percentile(self, score: float) -> float:
+        if not self.normal_scores:
+            return float("nan")
+        return 100.0 * float(np.mean(np.asarray(self.normal_scores) <= score))
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Calibration":
+        return cls(**{k: v for k, v in values.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass
+class Prediction:
+    image: torch.Tensor  # (3, R, R) the input as the model saw it, in [-1, 1]
+    score: float
+    percentile: float  # of the score among held-out normal images
+    threshold: float
+    is_anomalous: bool
+    anomaly_map: np.ndarray  # (R, R) combined map in calibrated (z) units
+    pixel_map: np.ndarray
+    feature_map: np.ndarray
+    rgb_map: np.ndarray
+    pixel_threshold: float
+    steps: list[StepMaps]  # every timestep computed, including extra ones requested for viewing
+
+    @property
+    def verdict(self) -> str:
+        return "anomalous" if self.is_anomalous else "normal"
+
+    def mask(self, threshold: float | None = None) -> np.ndarray:
+        return self.anomaly_map > (self.pixel_threshold if threshold is None else threshold)
+
+
+class AnomalyDetector:
+    """Ten-line usage::
+
+        detector = diffad.load_checkpoint("checkpoints/bottle")
+        prediction = detector.predict("photo.png")
+        print(prediction.score, prediction.percentile, prediction.verdict)
+        heat_map = prediction.anomaly_map
+    """
+
+    def __init__(
+        self,
+        net: DiffADNet,
+        *,
+        category: str,
+        scoring: ScoringConfig | None = None,
+        calibration: Calibration | None = None,
+        feature_mean: torch.Tensor | None = None,
+        feature_std: torch.Tensor | None = None,
+        backbone: str = DEFAULT_BACKBONE,
+        diffusion: GaussianDiffusion | None = None,
+        training: dict | None = None,
+        extras: dict | None = None,
+    ):
+        self.net = net.eval()
+        self.category = category
+        self.scoring = scoring or ScoringConfig()
+        self.calibration = calibration or Calibration()
+        self.backbone_name = backbone
+        self.backbone = shared_backbone(backbone)
+        self.diffusion = diffusion or GaussianDiffusion()
+        channels = net.config.feature_channels
+        self.feature_mean = feature_mean if feature_mean is not None else torch.zeros(channels)
+        self.feature_std = feature_std if feature_std is not None else torch.ones(channels)
+        self.training = training or {}
+        self.extras = extras or {}
+
+    @property
+    def resolution(self) -> int:
+        return self.net.config.resolution
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    def to(self, device) -> "AnomalyDetector":
+        self.net.to(device)
+        self.backbone.to(device)
+        self.feature_mean, self.feature_std = self.feature_mean.to(device), self.feature_std.to(device)
+        return self
+
+    def preprocess(self, image) -> torch.Tensor:
+        """Path, bytes, PIL image or (3, R, R) tensor in [-1, 1] -> (3, R, R) tensor at the model's resolution."""
+        if isinstance(image, torch.Tensor):
+            if image.dim() != 3 or image.shape[0] != 3:
+                raise ValueError(f"expected a (3, H, W) tensor, got {tuple(image.shape)}")
+            if image.shape[-1] != self.resolution or image.shape[-2] != self.resolution:
+                image = torch.nn.functional.interpolate(image[None], size=self.resolution, mode="bicubic")[0]
+            return image.float().clamp(-1, 1)
+        return to_tensor(read_image(image), self.resolution)
+
+    @torch.no_grad()
+    def normalized_features(self, x0: torch.Tensor) -> torch.Tensor:
+        mean, std = self.feature_mean.view(1, -1, 1, 1), self.feature_std.view(1, -1, 1, 1)
+        return (self.backbone(x0.to(self.device)) - mean) / std
+
+    def validate_timesteps(self, timesteps) -> list[int]:
+        ts = sorted({int(t) for t in timesteps})
+        if not ts or ts[0] < 0 or ts[-1] >= self.diffusion.num_timesteps:
+            raise ValueError(f"timesteps must lie in [0, {self.diffusion.num_timesteps - 1}], got {list(timesteps)}")
+        return ts
+
+    @torch.no_grad()
+    def raw_steps(self, x0: torch.Tensor, timesteps, seed: int | None = None) -> list[list[StepMaps]]:
+        """Per-image, per-timestep raw maps for a batch (B, 3, R, R); deterministic for a seed."""
+        seed = self.scoring.seed if seed is None else seed
+        generator = torch.Generator().manual_seed(int(seed))
+        noise = torch.randn(x0.shape[1:], generator=generator).expand_as(x0).contiguous()
+        x0 = x0.to(self.device)
+        return step_maps(
+            self.net, self.diffusion, x0, self.normalized_features(x0), self.validate_timesteps(timesteps), noise.to(self.device)
+        )
+
+    def combine(self, steps: list[StepMaps], scoring: ScoringConfig | None = None) -> CombinedMaps:
+        scoring = scoring or self.scoring
+        chosen = [s for s in steps if s.t in set(scoring.timesteps)]
+        return combine(chosen, self.calibration.step_stats, scoring)
+
+    def predict(self, image, *, seed: int | None = None, view_timesteps=()) -> Prediction:
+        """Score one image. `view_timesteps` adds timesteps whose maps are kept for viewing but not scored."""
+        x0 = self.preprocess(image)
+        timesteps = self.validate_timesteps(list(self.scoring.timesteps) + list(view_timesteps))
+        steps = self.raw_steps(x0[None], timesteps, seed)[0]
+        maps = self.combine(steps)
+        rgb = sum(s.rgb for s in steps if s.t in set(self.scoring.timesteps))
+        return Prediction(
+            image=x0,
+            score=maps.score,
+            percentile=self.calibration.percentile(maps.score),
+            threshold=self.calibration.image_threshold,
+            is_anomalous=bool(maps.score > self.calibration.image_threshold),
+            anomaly_map=maps.anomaly,
+            pixel_map=maps.pixel,
+            feature_map=maps.feature,
+            rgb_map=rgb,
+            pixel_threshold=self.calibration.pixel_threshold,
+            steps=steps,
+        )
+
+    def calibrate(self, normal_images: torch.Tensor, timesteps, batch_size: int = 8) -> Calibration:
+        """Measure per-timestep map statistics and the score distribution on held-out normal images."""
+        timesteps = self.validate_timesteps(list(timesteps) + list(self.scoring.timesteps))
+        all_steps = []
+        for start in range(0, len(normal_images), batch_size):
+            all_steps += self.raw_steps(normal_images[start : start + batch_size], timesteps)
+        stats = {}
+        for i, t in enumerate(timesteps):
+            stats[str(t)] = {}
+            for kind in MAP_KINDS:
+                values = np.stack([getattr(steps[i], kind) for steps in all_steps])
+                stats[str(t)][kind] = [float(values.mean()), float(values.std())]
+        self.calibration = Calibration(step_stats=stats)
+        combined = [self.combine(steps) for steps in all_steps]
+        scores = [c.score for c in combined]
+        pixels = np.concatenate([c.anomaly.ravel() for c in combined])
+        self.calibration.normal_scores = sorted(scores)
+        self.calibration.image_threshold = float(np.quantile(scores, IMAGE_THRESHOLD_QUANTILE))
+        self.calibration.pixel_threshold = float(np.quantile(pixels, PIXEL_THRESHOLD_QUANTILE))
+        return self.calibration
+
+    def config_dict(self) -> dict:
+        return {
+            "format_version": FORMAT_VERSION,
+            "category": self.category,
+            "backbone": self.backbone_name,
+            "diffusion": {"num_train_timesteps": self.diffusion.num_timesteps, "beta_schedule": self.diffusion.beta_schedule},
+            "net": self.net.config.to_dict(),
+            "scoring": self.scoring.to_dict(),
+            "calibration": self.calibration.to_dict(),
+            "training": self.training,
+        }

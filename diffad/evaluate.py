@@ -1,0 +1,118 @@
+"""Evaluating a detector on an MVTec-layout test split: overall and per-defect metrics, optional overlays."""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .data import DataError, load_mask, read_image, list_test_samples, to_tensor, to_uint8
+from .detector import AnomalyDetector
+from .metrics import evaluate_maps
+from .scoring import ScoringConfig
+from .visualize import display_range, outline, overlay
+
+log = logging.getLogger(__name__)
+METRIC_NAMES = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max")
+
+
+@dataclass
+class ScoredSet:
+    """Scores and maps of one scoring variant on a test split."""
+
+    defects: list[str]
+    labels: np.ndarray
+    scores: np.ndarray
+    maps: np.ndarray  # (N, R, R) float16
+    masks: np.ndarray  # (N, R, R) bool
+    paths: list[Path]
+
+
+def score_test_set(detector: AnomalyDetector, root, variants: dict[str, ScoringConfig] | None = None,
+                   batch_size: int = 8, progress: bool = True, limit: int | None = None) -> dict[str, ScoredSet]:
+    """Score every test image once at the union of the variants' timesteps and combine per variant."""
+    variants = variants or {"default": detector.scoring}
+    samples = list_test_samples(root)[:limit] if limit else list_test_samples(root)
+    timesteps = sorted({t for v in variants.values() for t in v.timesteps})
+    res = detector.resolution
+    maps = {name: [] for name in variants}
+    scores = {name: [] for name in variants}
+    masks, kept, skipped = [], [], 0
+    for start in tqdm(range(0, len(samples), batch_size), disable=not progress, desc="evaluate", unit="batch"):
+        batch, batch_masks = [], []
+        for sample in samples[start : start + batch_size]:
+            try:
+                image = read_image(sample.path)
+                batch_masks.append(load_mask(sample.mask_path, image.size, res))
+                batch.append(to_tensor(image, res))
+                kept.append(sample)
+            except DataError as exc:
+                skipped += 1
+                log.warning("skipped %s", exc)
+        if not batch:
+            continue
+        masks += batch_masks
+        for steps in detector.raw_steps(torch.stack(batch), timesteps):
+            for name, config in variants.items():
+                combined = detector.combine(steps, config)
+                maps[name].append(combined.anomaly.astype(np.float16))
+                scores[name].append(combined.score)
+    if not kept:
+        raise DataError(f"no readable test images under {root}")
+    if skipped:
+        log.warning("%d unreadable test files skipped", skipped)
+    labels = np.array([s.is_anomalous for s in kept])
+    return {
+        name: ScoredSet([s.defect for s in kept], labels, np.array(scores[name]), np.stack(maps[name]), np.stack(masks), [s.path for s in kept])
+        for name in variants
+    }
+
+
+def metrics_for(scored: ScoredSet) -> dict:
+    """Overall metrics plus, per defect type, the metrics on that type together with the good images."""
+    result = {"overall": evaluate_maps(scored.labels, scored.scores, scored.masks, scored.maps)}
+    defects = np.array(scored.defects)
+    for defect in sorted(set(scored.defects) - {"good"}):
+        keep = (defects == defect) | (defects == "good")
+        result[defect] = evaluate_maps(scored.labels[keep], scored.scores[keep], scored.masks[keep], scored.maps[keep])
+    return result
+
+
+def markdown_table(metrics: dict, title: str = "") -> str:
+    lines = [f"### {title}", ""] if title else []
+    lines.append("| subset | " + " | ".join(METRIC_NAMES) + " | images |")
+    lines.append("|---" * (len(METRIC_NAMES) + 2) + "|")
+    for subset, values in metrics.items():
+        cells = " | ".join("n/a" if np.isnan(values[m]) else f"{values[m]:.3f}" for m in METRIC_NAMES)
+        lines.append(f"| {subset} | {cells} | {values['images']} |")
+    return "\n".join(lines) + "\n"
+
+
+def save_overlays(detector: AnomalyDetector, scored: ScoredSet, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    vmin, vmax = display_range(detector.calibration.pixel_threshold)
+    for path, defect, amap, mask in zip(scored.paths, scored.defects, scored.maps, scored.masks):
+        image = to_uint8(to_tensor(read_image(path), detector.resolution))
+        picture = overlay(image, amap.astype(np.float32), vmin, vmax)
+        picture = outline(picture, mask, colour=(255, 255, 255))
+        picture = outline(picture, amap > detector.calibration.pixel_threshold, colour=(0, 255, 0))
+        Image.fromarray(picture).save(folder / f"{defect}_{path.stem}.png")
+
+
+def evaluate(detector: AnomalyDetector, root, out=None, save_maps: bool = False, progress: bool = True) -> dict:
+    """Evaluate on `root/test`; with `out`, write metrics.json, metrics.md and (optionally) overlays there."""
+    scored = score_test_set(detector, root, progress=progress)["default"]
+    metrics = metrics_for(scored)
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        (out / "metrics.md").write_text(markdown_table(metrics, f"{detector.category} ({Path(root)})"))
+        if save_maps:
+            save_overlays(detector, scored, out / "maps")
+    return metrics

@@ -1,0 +1,93 @@
+"""Networks: the learned-variance denoiser with a feature-reconstruction head."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from diffusers import UNet2DModel
+from torch import nn
+
+
+@dataclass
+class NetConfig:
+    resolution: int = 256
+    # Space-to-depth factor: a 256-px image runs the UNet at 64 px with 3*4*4 channels (CPU-friendly).
+    patch: int = 4
+    block_out_channels: tuple[int, ...] = (48, 96, 192)
+    layers_per_block: int = 1
+    attention_lowest: bool = True
+    norm_num_groups: int = 16
+    feature_channels: int = 176
+    feature_stride: int = 8
+    head_channels: int = 128
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "NetConfig":
+        known = {k: v for k, v in values.items() if k in cls.__dataclass_fields__}
+        if "block_out_channels" in known:
+            known["block_out_channels"] = tuple(known["block_out_channels"])
+        return cls(**known)
+
+    def to_dict(self) -> dict:
+        values = asdict(self)
+        values["block_out_channels"] = list(self.block_out_channels)
+        return values
+
+
+@dataclass
+class NetOutput:
+    eps: torch.Tensor  # (B, 3, R, R) predicted noise
+    v: torch.Tensor  # (B, 3, R, R) learned-range variance interpolation, ~[-1, 1]
+    features: torch.Tensor  # (B, C_f, R/stride, R/stride) predicted backbone features of x0
+    extras: dict = field(default_factory=dict)
+
+
+class DiffADNet(nn.Module):
+    """diffusers UNet2DModel predicting (eps, v) plus a head on a decoder block predicting F(x0) from x_t."""
+
+    def __init__(self, config: NetConfig):
+        super().__init__()
+        if config.resolution % (config.patch * 2 ** (len(config.block_out_channels) - 1)):
+            raise ValueError(f"resolution {config.resolution} must be divisible by patch x 2^(levels-1)")
+        self.config = config
+        channels = 3 * config.patch**2
+        levels = len(config.block_out_channels)
+        down = ["DownBlock2D"] * levels
+        up = ["UpBlock2D"] * levels
+        if config.attention_lowest:
+            down[-1], up[0] = "AttnDownBlock2D", "AttnUpBlock2D"
+        self.unet = UNet2DModel(
+            sample_size=config.resolution // config.patch,
+            in_channels=channels,
+            out_channels=2 * channels,
+            block_out_channels=tuple(config.block_out_channels),
+            layers_per_block=config.layers_per_block,
+            down_block_types=tuple(down),
+            up_block_types=tuple(up),
+            norm_num_groups=config.norm_num_groups,
+        )
+        # The second-to-last decoder block ends at the UNet's full internal resolution; its output feeds the head.
+        self._tap = self.unet.up_blocks[-2]
+        tap_channels = config.block_out_channels[1] if levels > 1 else config.block_out_channels[0]
+        self.feature_head = nn.Sequential(
+            nn.Conv2d(tap_channels, config.head_channels, 3, padding=1),
+            nn.GroupNorm(8, config.head_channels),
+            nn.SiLU(),
+            nn.Conv2d(config.head_channels, config.feature_channels, 1),
+        )
+
+    def forward(self, xt: torch.Tensor, t: torch.Tensor) -> NetOutput:
+        p = self.config.patch
+        captured = {}
+        handle = self._tap.register_forward_hook(lambda _m, _i, out: captured.__setitem__("h", out))
+        try:
+            out = self.unet(F.pixel_unshuffle(xt, p), t).sample
+        finally:
+            handle.remove()
+        eps, v = out.chunk(2, dim=1)
+        grid = self.config.resolution // self.config.feature_stride
+        hidden = captured["h"]
+        if hidden.shape[-1] != grid:
+            hidden = F.adaptive_avg_pool2d(hidden, grid)
+        return NetOutput(F.pixel_shuffle(eps, p), F.pixel_shuffle(v, p), self.feature_head(hidden))

@@ -1,0 +1,202 @@
+"""Training one category from a folder of defect-free images: resumable, seeded, CPU-friendly."""
+from __future__ import annotations
+
+import copy
+import csv
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from .checkpoint import save_checkpoint, validate_category
+from .data import DataError, list_images, load_images, train_folder
+from .detector import AnomalyDetector, shared_backbone
+from .diffusion import GaussianDiffusion
+from .models import DiffADNet, NetConfig
+from .scoring import ScoringConfig
+
+log = logging.getLogger(__name__)
+STATE_NAME = "train_state.pt"
+# Timesteps whose map statistics are stored, so that other timestep sets can be scored (ablations, the app).
+CALIBRATED_TIMESTEPS = (5, 10, 20, 50, 100, 200, 300, 400, 500)
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    out: str
+    category: str | None = None
+    resolution: int = 256
+    steps: int = 4000
+    batch_size: int = 8
+    lr: float = 2e-4
+    warmup_steps: int = 100
+    # Training covers only the timesteps that scoring and the morph use.
+    t_max: int = 500
+    # Hybrid loss: lambda * T * (per-step KL) is the VLB term of improved DDPM; 0.001 * 1000 weighs it 1.
+    vlb_weight: float = 0.001
+    feature_weight: float = 1.0
+    ema_decay: float = 0.999
+    holdout_fraction: float = 0.15
+    # "dihedral": flips and 90-degree rotations (objects seen from above); "flip": flips only; "none".
+    augment: str = "flip"
+    seed: int = 0
+    device: str = "auto"
+    save_every: int = 500
+    net: dict = field(default_factory=dict)
+    scoring: dict = field(default_factory=dict)
+
+
+def _augmentations(kind: str) -> list[tuple[int, bool]]:
+    if kind == "none":
+        return [(0, False)]
+    if kind == "flip":
+        return [(0, False), (0, True), (2, False), (2, True)]
+    if kind == "dihedral":
+        return [(k, flip) for k in range(4) for flip in (False, True)]
+    raise ValueError(f"unknown augmentation {kind!r} (use none, flip or dihedral)")
+
+
+def _apply(x: torch.Tensor, rot: int, flip: bool) -> torch.Tensor:
+    x = torch.rot90(x, rot, dims=(-2, -1)) if rot else x
+    return torch.flip(x, dims=(-1,)) if flip else x
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def split_holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    if n < 4:
+        raise DataError(f"need at least 4 good images to train and calibrate, found {n}")
+    order = np.random.default_rng(seed).permutation(n)
+    n_hold = max(2, round(n * fraction))
+    return np.sort(order[n_hold:]), np.sort(order[:n_hold])
+
+
+def train(config: TrainConfig, progress: bool = True) -> Path:
+    """Train, calibrate and write a checkpoint to `config.out`; resumes from `out/train_state.pt` if present."""
+    torch.manual_seed(config.seed)
+    out = Path(config.out)
+    category = validate_category(config.category or out.name)
+    device = resolve_device(config.device)
+    folder = train_folder(config.data)
+    images, kept, skipped = load_images(list_images(folder), config.resolution)
+    train_idx, hold_idx = split_holdout(len(images), config.holdout_fraction, config.seed)
+    train_images, holdout = images[train_idx], images[hold_idx]
+    log.info("%d training, %d held-out images from %s (%d unreadable skipped)", len(train_idx), len(hold_idx), folder, len(skipped))
+
+    backbone = shared_backbone().to(device)
+    net_config = NetConfig(resolution=config.resolution, feature_channels=backbone.channels, **config.net)
+    net = DiffADNet(net_config).to(device)
+    diffusion = GaussianDiffusion()
+    augmentations = _augmentations(config.augment)
+
+    # Backbone features of every (image, augmentation) pair are computed once: the backbone is frozen.
+    with torch.no_grad():
+        cached = torch.stack(
+            [
+                torch.cat([backbone(_apply(train_images[i : i + 16].to(device), r, f)).half().cpu() for i in range(0, len(train_images), 16)])
+                for r, f in augmentations
+            ]
+        )  # (A, N, C, g, g)
+    feature_mean = cached.float().mean(dim=(0, 1, 3, 4))
+    feature_std = cached.float().std(dim=(0, 1, 3, 4)).clamp_min(1e-4)
+
+    optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps)))
+    ema = EMAModel(net.parameters(), decay=config.ema_decay, use_ema_warmup=True, power=0.75)
+    out.mkdir(parents=True, exist_ok=True)
+    state_path = out / STATE_NAME
+    step, elapsed = 0, 0.0
+    generator = torch.Generator().manual_seed(config.seed)
+    if state_path.exists():
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        net.load_state_dict(state["net"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        ema.load_state_dict(state["ema"])
+        generator.set_state(state["generator"])
+        step, elapsed = state["step"], state["elapsed"]
+        log.info("resumed from %s at step %d", state_path, step)
+    ema.to(device)
+
+    log_path = out / "train_log.csv"
+    log_file = log_path.open("a", newline="")
+    writer = csv.writer(log_file)
+    if step == 0:
+        writer.writerow(["step", "loss", "mse", "vlb", "feature", "lr", "seconds"])
+    mean, std = feature_mean.view(1, -1, 1, 1).to(device), feature_std.view(1, -1, 1, 1).to(device)
+    bar = tqdm(total=config.steps, initial=step, disable=not progress, desc=f"train {category}", unit="step")
+    net.train()
+    start = time.time() - elapsed
+    while step < config.steps:
+        idx = torch.randint(0, len(train_images), (config.batch_size,), generator=generator)
+        aug = torch.randint(0, len(augmentations), (config.batch_size,), generator=generator)
+        x0 = torch.stack([_apply(train_images[i], *augmentations[a]) for i, a in zip(idx.tolist(), aug.tolist())]).to(device)
+        target = ((cached[aug, idx].float().to(device)) - mean) / std
+        t = torch.randint(1, config.t_max + 1, (config.batch_size,), generator=generator).to(device)
+        noise = torch.randn(x0.shape, generator=generator).to(device)
+        xt = diffusion.q_sample(x0, t, noise)
+        pred = net(xt, t)
+        mse = (pred.eps - noise).pow(2).mean()
+        vlb = diffusion.vlb_loss(x0, xt, t, pred.eps, pred.v)
+        feat = (pred.features - target).pow(2).mean()
+        loss = mse + config.vlb_weight * diffusion.num_timesteps * vlb + config.feature_weight * feat
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"training diverged at step {step} (loss {loss.item()})")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        ema.step(net.parameters())
+        step += 1
+        bar.update(1)
+        if step % 10 == 0 or step == config.steps:
+            writer.writerow([step, f"{loss.item():.5f}", f"{mse.item():.5f}", f"{vlb.item():.5f}", f"{feat.item():.5f}", f"{scheduler.get_last_lr()[0]:.2e}", f"{time.time() - start:.1f}"])
+            log_file.flush()
+            bar.set_postfix(loss=f"{loss.item():.4f}", feat=f"{feat.item():.3f}")
+        if step % config.save_every == 0 or step == config.steps:
+            elapsed = time.time() - start
+            torch.save(
+                {
+                    "net": net.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "ema": ema.state_dict(),
+                    "generator": generator.get_state(),
+                    "step": step,
+                    "elapsed": elapsed,
+                },
+                state_path,
+            )
+            _write_checkpoint(net, ema, config, category, holdout, feature_mean, feature_std, step, elapsed, len(train_idx), len(skipped), device)
+            net.train()
+    bar.close()
+    log_file.close()
+    return out
+
+
+def _write_checkpoint(net, ema, config, category, holdout, feature_mean, feature_std, step, elapsed, n_train, n_skipped, device):
+    ema_net = copy.deepcopy(net).eval()
+    ema.copy_to(ema_net.parameters())
+    training = {k: v for k, v in asdict(config).items() if k not in ("out", "device")}
+    training.update(steps_done=step, seconds=round(elapsed, 1), device=str(device), train_images=n_train,
+                    holdout_images=len(holdout), skipped_files=n_skipped, torch=torch.__version__)
+    detector = AnomalyDetector(
+        ema_net, category=category, scoring=ScoringConfig.from_dict(config.scoring), training=training,
+        feature_mean=feature_mean.to(device), feature_std=feature_std.to(device),
+    )
+    detector.calibrate(holdout, CALIBRATED_TIMESTEPS)
+    save_checkpoint(detector, config.out)
+    log.info("step %d: checkpoint written to %s (threshold %.3f)", step, config.out, detector.calibration.image_threshold)
+
+
