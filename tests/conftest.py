@@ -1,0 +1,58 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffad.synth import add_defect, textured_part
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+BOTTLE = SHARED_DATA / "mvtec_ad" / "bottle"
+MAGNETIC_TILE = SHARED_DATA / "magnetic_tile" / "magnetic_tile"
+CHECKPOINTS = ROOT / "checkpoints"
+TINY_NET = {"patch": 2, "block_out_channels": [16, 32], "norm_num_groups": 8, "head_channels": 16}
+
+needs_bottle = pytest.mark.skipif(not BOTTLE.is_dir(), reason=f"MVTec AD bottle data not found at {BOTTLE}")
+
+
+def make_dataset(root: Path, n_train: int = 10, n_test_good: int = 2, size: int = 64) -> Path:
+    """A small MVTec-layout category of generated parts with synthetic defects and exact masks."""
+    (root / "train" / "good").mkdir(parents=True)
+    (root / "test" / "good").mkdir(parents=True)
+    for i in range(n_train):
+        Image.fromarray(textured_part(size, seed=i)).save(root / "train" / "good" / f"{i:03d}.png")
+    for i in range(n_test_good):
+        Image.fromarray(textured_part(size, seed=100 + i)).save(root / "test" / "good" / f"{i:03d}.png")
+    for kind in ("hole", "colour_spot"):
+        (root / "test" / kind).mkdir(parents=True)
+        (root / "ground_truth" / kind).mkdir(parents=True)
+        for i in range(2):
+            image, mask = add_defect(textured_part(size, seed=200 + i), kind, seed=i, size=1.0)
+            Image.fromarray(image).save(root / "test" / kind / f"{i:03d}.png")
+            Image.fromarray(mask.astype(np.uint8) * 255).save(root / "ground_truth" / kind / f"{i:03d}_mask.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("data") / "part")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_dataset, tmp_path_factory) -> Path:
+    from diffad.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("ckpt") / "part"
+    train(TrainConfig(data=str(tiny_dataset), out=str(out), resolution=32, steps=30, batch_size=4, save_every=30, net=TINY_NET), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def bottle_detector():
+    from diffad import load_checkpoint
+
+    path = CHECKPOINTS / "bottle"
+    if not (path / "config.json").exists():
+        pytest.fail(f"the shipped bottle checkpoint is missing from {path}")
+    return load_checkpoint(path)

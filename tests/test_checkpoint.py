@@ -1,0 +1,116 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from diffad import CheckpointError, load_checkpoint
+from diffad.checkpoint import list_local_categories
+
+
+def predict(detector, dataset):
+    return detector.predict(sorted((dataset / "test" / "hole").iterdir())[0], view_timesteps=(5,))
+
+
+def copy_of(checkpoint, tmp_path):
+    target = tmp_path / checkpoint.name
+    shutil.copytree(checkpoint, target, ignore=shutil.ignore_patterns("train_state.pt"))
+    return target
+
+
+def test_round_trip_gives_identical_maps(tiny_checkpoint, tiny_dataset, tmp_path):
+    from diffad import save_checkpoint
+
+    first = load_checkpoint(tiny_checkpoint)
+    save_checkpoint(first, tmp_path / "again")
+    second = load_checkpoint(tmp_path / "again")
+    a, b = predict(first, tiny_dataset), predict(second, tiny_dataset)
+    np.testing.assert_array_equal(a.anomaly_map, b.anomaly_map)
+    assert a.score == b.score and [s.t for s in a.steps] == [5, 20, 200, 400]
+    config = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert config["format_version"] == 1 and config["calibration"]["normal_scores"]
+    assert load_file(str(tmp_path / "again" / "model.safetensors"))["net.feature_head.0.weight"].dtype == torch.float16
+
+
+def test_scoring_is_deterministic_for_a_seed(tiny_checkpoint, tiny_dataset):
+    detector = load_checkpoint(tiny_checkpoint)
+    a, b = predict(detector, tiny_dataset), predict(detector, tiny_dataset)
+    np.testing.assert_array_equal(a.anomaly_map, b.anomaly_map)
+    other = detector.predict(sorted((tiny_dataset / "test" / "hole").iterdir())[0], seed=123)
+    assert not np.array_equal(a.anomaly_map, other.anomaly_map)
+
+
+def test_local_folder_of_categories(tiny_checkpoint):
+    root = tiny_checkpoint.parent
+    assert list_local_categories(root) == ["part"]
+    assert load_checkpoint(root, category="part").category == "part"
+    with pytest.raises(CheckpointError, match="unknown category 'bottle'.*available: part"):
+        load_checkpoint(root, category="bottle")
+    with pytest.raises(CheckpointError, match="invalid category name"):
+        load_checkpoint(root, category="../etc")
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda c: c.update(format_version=99), "format version 99 is not supported"),
+        (lambda c: c.pop("net"), "missing key 'net'"),
+        (lambda c: c.update(scoring=[1]), "'scoring' must be a dict"),
+        (lambda c: c["net"].update(block_out_channels=[8, 16]), "net.* is torch.float16 .*expected"),
+    ],
+)
+def test_bad_config_is_named(tiny_checkpoint, tmp_path, damage, message):
+    folder = copy_of(tiny_checkpoint, tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    damage(config)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(folder)
+
+
+def test_truncated_tampered_and_missing_weights(tiny_checkpoint, tmp_path):
+    folder = copy_of(tiny_checkpoint, tmp_path)
+    weights = folder / "model.safetensors"
+    tensors = load_file(str(weights))
+    tensors["net.feature_head.0.weight"] = tensors["net.feature_head.0.weight"][:1]
+    save_file(tensors, str(weights))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor net\.feature_head\.0\.weight"):
+        load_checkpoint(folder)
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="unreadable or truncated"):
+        load_checkpoint(folder)
+    weights.unlink()
+    with pytest.raises(CheckpointError, match="model.safetensors: missing"):
+        load_checkpoint(folder)
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="config.json: not valid JSON"):
+        load_checkpoint(folder)
+
+
+def make_hub_cache(cache, repo_id, category, source, commit="0123456789abcdef0123456789abcdef01234567"):
+    """The layout huggingface_hub writes: models--user--repo/{refs/main, snapshots/<commit>/<category>/...}."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    target = repo / "snapshots" / commit / category
+    target.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(source / name, target / name)
+    return commit
+
+
+def test_hub_cache_loads_offline(tiny_checkpoint, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    commit = make_hub_cache(tmp_path, "someone/diffad-checkpoints", "part", tiny_checkpoint)
+    detector = load_checkpoint("someone/diffad-checkpoints", category="part", cache_dir=tmp_path)
+    assert detector.category == "part"
+    pinned = load_checkpoint("someone/diffad-checkpoints", category="part", revision=commit, cache_dir=tmp_path)
+    assert pinned.calibration.image_threshold == detector.calibration.image_threshold
+    with pytest.raises(CheckpointError, match="not in the local Hub cache"):
+        load_checkpoint("someone/diffad-checkpoints", category="bottle", cache_dir=tmp_path)
+    with pytest.raises(CheckpointError, match="needs a category"):
+        load_checkpoint("someone/diffad-checkpoints", cache_dir=tmp_path)

@@ -1,0 +1,46 @@
+import csv
+import json
+import subprocess
+import sys
+
+from diffad.cli import main
+
+
+def test_predict_scores_a_folder_and_skips_bad_files(tiny_checkpoint, tiny_dataset, tmp_path, capsys):
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    for path in sorted((tiny_dataset / "test" / "hole").iterdir()):
+        (folder / path.name).write_bytes(path.read_bytes())
+    (folder / "broken.png").write_bytes(b"not a png")
+    assert main(["predict", "--checkpoint", str(tiny_checkpoint), str(folder), "--out", str(tmp_path / "out")]) == 0
+    rows = list(csv.DictReader((tmp_path / "out" / "predictions.csv").open()))
+    assert [r["file"].split("/")[-1] for r in rows] == ["000.png", "001.png"]
+    assert all(r["verdict"] in ("normal", "anomalous") and 0 <= float(r["percentile"]) <= 100 for r in rows)
+    assert (tmp_path / "out" / "000_overlay.png").stat().st_size > 0
+    captured = capsys.readouterr()
+    assert "broken.png" in captured.err and "1 unreadable skipped" in captured.out
+
+
+def test_evaluate_writes_metrics_and_overlays(tiny_checkpoint, tiny_dataset, tmp_path):
+    out = tmp_path / "eval"
+    args = ["evaluate", "--checkpoint", str(tiny_checkpoint), "--data", str(tiny_dataset), "--out", str(out), "--save-maps"]
+    assert main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {"overall", "hole", "colour_spot"}
+    assert 0 <= metrics["overall"]["pixel_auroc"] <= 1 and metrics["overall"]["images"] == 6
+    assert "| overall |" in (out / "metrics.md").read_text()
+    assert len(list((out / "maps").glob("*.png"))) == 6
+
+
+def test_errors_are_one_clear_line_without_traceback(tiny_checkpoint, tmp_path):
+    cases = [
+        (["predict", "--checkpoint", str(tmp_path / "none"), "x.png", "--out", str(tmp_path)], "does not exist"),
+        (["predict", "--checkpoint", str(tiny_checkpoint.parent), "--category", "bottle", "x.png", "--out", str(tmp_path)], "unknown category"),
+        (["predict", "--checkpoint", str(tiny_checkpoint), str(tmp_path / "missing.png"), "--out", str(tmp_path)], "no such file"),
+        (["train", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "c")], "does not exist"),
+        (["train", "--data", str(tmp_path), "--out", str(tiny_checkpoint)], "unfinished run"),
+    ]
+    for args, message in cases:
+        result = subprocess.run([sys.executable, "-m", "diffad", *args], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2, (args, result.stderr)
+        assert message in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,59 @@
+import torch
+from diffusers import DDPMScheduler
+
+from diffad.diffusion import GaussianDiffusion, normal_kl
+
+
+def test_kl_is_non_negative_for_random_gaussians():
+    g = torch.Generator().manual_seed(0)
+    m1, m2 = torch.randn(1000, generator=g), torch.randn(1000, generator=g)
+    v1, v2 = torch.randn(1000, generator=g), torch.randn(1000, generator=g)
+    kl = normal_kl(m1, v1, m2, v2)
+    assert (kl >= -1e-6).all() and kl.mean() > 0.1
+
+
+def test_kl_map_is_zero_when_model_matches_posterior():
+    diffusion = GaussianDiffusion()
+    g = torch.Generator().manual_seed(1)
+    x0, noise = torch.randn(2, 3, 8, 8, generator=g).clamp(-1, 1), torch.randn(2, 3, 8, 8, generator=g)
+    t = torch.tensor([5, 300])
+    xt = diffusion.q_sample(x0, t, noise)
+    # eps = the true noise gives x0_hat = x0, and v = -1 selects the posterior variance exactly.
+    kl = diffusion.kl_map(x0, xt, t, noise, -torch.ones_like(x0))
+    assert kl.shape == (2, 8, 8)
+    assert kl.abs().max() < 1e-4
+    wrong = diffusion.kl_map(x0, xt, t, noise + 0.5, -torch.ones_like(x0))
+    assert (wrong > 1e-3).all()
+
+
+def test_maths_agree_with_diffusers_scheduler():
+    diffusion = GaussianDiffusion()
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", variance_type="learned_range", clip_sample=False)
+    g = torch.Generator().manual_seed(2)
+    x0, noise = torch.randn(1, 3, 4, 4, generator=g), torch.randn(1, 3, 4, 4, generator=g)
+    eps, v = torch.randn(1, 3, 4, 4, generator=g), torch.rand(1, 3, 4, 4, generator=g) * 2 - 1
+    for t in (1, 20, 200, 999):
+        tt = torch.tensor([t])
+        xt = diffusion.q_sample(x0, tt, noise)
+        torch.testing.assert_close(xt, scheduler.add_noise(x0, noise, tt), rtol=1e-5, atol=1e-5)
+        step_noise = torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(t))
+        out = scheduler.step(torch.cat([eps, v], dim=1), t, xt, generator=torch.Generator().manual_seed(t))
+        mean, log_var, x0_hat = diffusion.p_mean_variance(xt, tt, eps, v)
+        torch.testing.assert_close(out.pred_original_sample, x0_hat, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(scheduler._get_variance(t, predicted_variance=v), log_var, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(out.prev_sample, mean + torch.exp(0.5 * log_var) * step_noise, rtol=1e-4, atol=1e-4)
+
+
+def test_predict_eps_inverts_predict_x0():
+    diffusion = GaussianDiffusion()
+    xt, eps = torch.randn(3, 3, 4, 4), torch.randn(3, 3, 4, 4)
+    t = torch.tensor([3, 50, 400])
+    torch.testing.assert_close(diffusion.predict_eps(xt, t, diffusion.predict_x0(xt, t, eps)), eps, rtol=1e-4, atol=1e-4)
+
+
+def test_out_of_range_timesteps_are_rejected():
+    diffusion = GaussianDiffusion()
+    import pytest
+
+    with pytest.raises(ValueError, match="timesteps must be in"):
+        diffusion.q_sample(torch.zeros(1, 3, 4, 4), 1000, torch.zeros(1, 3, 4, 4))

@@ -1,0 +1,38 @@
+import csv
+
+import numpy as np
+import pytest
+
+from diffad import DataError, load_checkpoint
+from diffad.train import TrainConfig, split_holdout, train
+from tests.conftest import TINY_NET
+
+
+def read_log(folder):
+    with (folder / "train_log.csv").open() as handle:
+        return [row for row in csv.DictReader(handle)]
+
+
+def test_training_lowers_the_loss_and_resumes(tiny_dataset, tmp_path):
+    out = tmp_path / "part"
+    config = TrainConfig(data=str(tiny_dataset), out=str(out), resolution=32, steps=60, batch_size=4, save_every=30, lr=1e-3, warmup_steps=5, net=TINY_NET)
+    train(TrainConfig(**{**config.__dict__, "steps": 30}), progress=False)
+    assert load_checkpoint(out).training["steps_done"] == 30
+    train(config, progress=False)  # resumes from train_state.pt at step 30
+    rows = read_log(out)
+    steps = [int(r["step"]) for r in rows]
+    assert steps == sorted(steps) and steps[-1] == 60 and steps.count(30) == 1
+    losses = np.array([float(r["loss"]) for r in rows])
+    assert losses[-2:].mean() < 0.8 * losses[:2].mean()
+    detector = load_checkpoint(out)
+    assert detector.training["steps_done"] == 60 and detector.training["train_images"] + detector.training["holdout_images"] == 10
+    assert np.isfinite(detector.calibration.image_threshold) and len(detector.calibration.normal_scores) == 2
+
+
+def test_holdout_split_and_too_few_images(tmp_path):
+    train_idx, hold_idx = split_holdout(20, 0.15, seed=0)
+    assert len(hold_idx) == 3 and not set(train_idx) & set(hold_idx)
+    with pytest.raises(DataError, match="at least 4 good images"):
+        split_holdout(3, 0.15, seed=0)
+    with pytest.raises(DataError, match="does not exist"):
+        train(TrainConfig(data=str(tmp_path / "nothing"), out=str(tmp_path / "x")), progress=False)
