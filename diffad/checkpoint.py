@@ -31,7 +31,6 @@ CONFIG_SCHEMA = {
     "scoring": (dict, True),
     "calibration": (dict, True),
     "training": (dict, False),
-    "extras": (dict, False),
 }
 
 
@@ -52,10 +51,9 @@ def save_checkpoint(detector: AnomalyDetector, folder, extra_tensors: dict | Non
     tensors = {f"net.{k}": v.detach().to("cpu", torch.float16).contiguous() for k, v in detector.net.state_dict().items()}
     tensors["feature_mean"] = detector.feature_mean.detach().cpu().float().contiguous()
     tensors["feature_std"] = detector.feature_std.detach().cpu().float().contiguous()
-    for key, value in (extra_tensors or {}).items():
+    for key, value in {**detector.extra_tensors, **(extra_tensors or {})}.items():
         tensors[f"extras.{key}"] = value.detach().cpu().contiguous()
     config = detector.config_dict()
-    config["extras"] = detector.extras
     save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt", "format_version": str(FORMAT_VERSION)})
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     return folder
@@ -134,7 +132,7 @@ def load_folder(folder, device: str | torch.device = "cpu") -> AnomalyDetector:
         backbone=config["backbone"],
         diffusion=diffusion,
         training=config.get("training", {}),
-        extras={"config": config.get("extras", {}), "tensors": extras},
+        extra_tensors=extras,
         **stats,
     )
     return detector.to(device)

@@ -50,6 +50,33 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", help="folder for metrics.json, metrics.md and --save-maps overlays")
     evaluate.add_argument("--save-maps", action="store_true")
 
+    calibrate = sub.add_parser("calibrate", help="re-measure calibration and refit the morph's feature model")
+    calibrate.add_argument("--checkpoint", required=True, help="local category folder (rewritten in place)")
+    calibrate.add_argument("--data", required=True, help="the category's training data (same folder as for train)")
+
+    morph = sub.add_parser("morph", help="morph an image into a normal-looking one (GIF, MP4, before/after PNG)")
+    _add_checkpoint_args(morph)
+    morph.add_argument("image")
+    morph.add_argument("--out", required=True)
+    morph.add_argument("--step-size", type=float, default=0.02)
+    morph.add_argument("--denoise-every", type=int, default=5)
+    morph.add_argument("--loops", type=int, default=8)
+    morph.add_argument("--seed", type=int, default=0)
+
+    examples = sub.add_parser("examples", help="make example images: diffusion samples plus synthetic defects")
+    _add_checkpoint_args(examples)
+    examples.add_argument("--data", required=True, help="the category's training data (only its mean image is used)")
+    examples.add_argument("--out", required=True)
+    examples.add_argument("--seed", type=int, default=0)
+
+    push = sub.add_parser("push", help="upload a category checkpoint to a Hugging Face Hub repo")
+    push.add_argument("--checkpoint", required=True, help="local category folder")
+    push.add_argument("--repo-id", required=True, help="USER/REPO; the category goes into its own subfolder")
+    push.add_argument("--licence", default="cc-by-nc-sa-4.0", help="licence of the weights (follow the training data's)")
+    push.add_argument("--data-note", default="", help="where the training data came from and its licence")
+    push.add_argument("--revision", help="branch to upload to")
+    push.add_argument("--private", action="store_true")
+
     predict = sub.add_parser("predict", help="score images or folders of images")
     _add_checkpoint_args(predict)
     predict.add_argument("inputs", nargs="+", help="image files or folders")
@@ -97,6 +124,52 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_calibrate(args) -> int:
+    from .train import recalibrate
+
+    detector = recalibrate(args.checkpoint, args.data)
+    print(f"{args.checkpoint}: image threshold {detector.calibration.image_threshold:.3f}, "
+          f"pixel threshold {detector.calibration.pixel_threshold:.3f}")
+    return 0
+
+
+def cmd_morph(args) -> int:
+    from .morph import MorphConfig, before_after, export_gif, export_mp4, morph
+
+    detector = load_checkpoint(args.checkpoint, args.category, args.revision, device=args.device)
+    config = MorphConfig(step_size=args.step_size, denoise_every=args.denoise_every, max_loops=args.loops, seed=args.seed)
+    frames = []
+    for frame in morph(detector, args.image, config):
+        frames.append(frame)
+        print(f"step {frame.step:3d}: score {frame.score:.3f} energy {frame.energy:.0f}{' (normal)' if frame.is_normal else ''}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = Path(args.image).stem
+    pictures = [f.rgb() for f in frames]
+    export_gif(pictures, out / f"{stem}_morph.gif")
+    export_mp4(pictures, out / f"{stem}_morph.mp4")
+    Image.fromarray(before_after(pictures[0], pictures[-1])).save(out / f"{stem}_before_after.png")
+    print(f"wrote {out}/{stem}_morph.gif, .mp4 and _before_after.png")
+    return 0
+
+
+def cmd_examples(args) -> int:
+    from .examples import make_examples
+
+    detector = load_checkpoint(args.checkpoint, args.category, args.revision, device=args.device)
+    manifest = make_examples(detector, args.data, args.out, seed=args.seed)
+    print(f"wrote {len(manifest['images'])} examples to {args.out}")
+    return 0
+
+
+def cmd_push(args) -> int:
+    from .hub import push
+
+    url = push(args.checkpoint, args.repo_id, licence=args.licence, data_note=args.data_note, revision=args.revision, private=args.private)
+    print(f"uploaded: {url}")
+    return 0
+
+
 def cmd_predict(args) -> int:
     from .visualize import display_range, outline, overlay
 
@@ -129,7 +202,10 @@ def cmd_predict(args) -> int:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    handler = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict}[args.command]
+    handler = {
+        "train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "calibrate": cmd_calibrate, "morph": cmd_morph,
+        "examples": cmd_examples, "push": cmd_push,
+    }[args.command]
     try:
         return handler(args)
     except (DataError, CheckpointError, ValueError) as exc:

@@ -92,7 +92,7 @@ class AnomalyDetector:
         backbone: str = DEFAULT_BACKBONE,
         diffusion: GaussianDiffusion | None = None,
         training: dict | None = None,
-        extras: dict | None = None,
+        extra_tensors: dict | None = None,
     ):
         self.net = net.eval()
         self.category = category
@@ -105,7 +105,9 @@ class AnomalyDetector:
         self.feature_mean = feature_mean if feature_mean is not None else torch.zeros(channels)
         self.feature_std = feature_std if feature_std is not None else torch.ones(channels)
         self.training = training or {}
-        self.extras = extras or {}
+        # Optional tensors stored with the checkpoint (the morph's feature Gaussian).
+        self.extra_tensors = extra_tensors or {}
+        self.cache: dict = {}
 
     @property
     def resolution(self) -> int:

@@ -18,12 +18,13 @@ from .data import DataError, list_images, load_images, train_folder
 from .detector import AnomalyDetector, shared_backbone
 from .diffusion import GaussianDiffusion
 from .models import DiffADNet, NetConfig
+from .morph import FeatureGaussian
 from .scoring import ScoringConfig
 
 log = logging.getLogger(__name__)
 STATE_NAME = "train_state.pt"
 # Timesteps whose map statistics are stored, so that other timestep sets can be scored (ablations, the app).
-CALIBRATED_TIMESTEPS = (5, 10, 20, 50, 100, 200, 300, 400, 500)
+CALIBRATED_TIMESTEPS = (5, 10, 20, 50, 100, 150, 200, 250, 300, 350, 400, 500)
 
 
 @dataclass
@@ -43,6 +44,8 @@ class TrainConfig:
     feature_weight: float = 1.0
     ema_decay: float = 0.999
     holdout_fraction: float = 0.15
+    # Feature channels kept in the morph's Gaussian model (a random subset, as in PaDiM).
+    gaussian_dims: int = 64
     # "dihedral": flips and 90-degree rotations (objects seen from above); "flip": flips only; "none".
     augment: str = "flip"
     seed: int = 0
@@ -107,6 +110,7 @@ def train(config: TrainConfig, progress: bool = True) -> Path:
                 for r, f in augmentations
             ]
         )  # (A, N, C, g, g)
+    gaussian = FeatureGaussian.fit(cached.flatten(0, 1), dims=config.gaussian_dims, seed=config.seed)
     feature_mean = cached.float().mean(dim=(0, 1, 3, 4))
     feature_std = cached.float().std(dim=(0, 1, 3, 4)).clamp_min(1e-4)
 
@@ -178,14 +182,14 @@ def train(config: TrainConfig, progress: bool = True) -> Path:
                 },
                 state_path,
             )
-            _write_checkpoint(net, ema, config, category, holdout, feature_mean, feature_std, step, elapsed, len(train_idx), len(skipped), device)
+            _write_checkpoint(net, ema, config, category, holdout, feature_mean, feature_std, gaussian, step, elapsed, len(train_idx), len(skipped), device)
             net.train()
     bar.close()
     log_file.close()
     return out
 
 
-def _write_checkpoint(net, ema, config, category, holdout, feature_mean, feature_std, step, elapsed, n_train, n_skipped, device):
+def _write_checkpoint(net, ema, config, category, holdout, feature_mean, feature_std, gaussian, step, elapsed, n_train, n_skipped, device):
     ema_net = copy.deepcopy(net).eval()
     ema.copy_to(ema_net.parameters())
     training = {k: v for k, v in asdict(config).items() if k not in ("out", "device")}
@@ -196,7 +200,29 @@ def _write_checkpoint(net, ema, config, category, holdout, feature_mean, feature
         feature_mean=feature_mean.to(device), feature_std=feature_std.to(device),
     )
     detector.calibrate(holdout, CALIBRATED_TIMESTEPS)
-    save_checkpoint(detector, config.out)
+    save_checkpoint(detector, config.out, extra_tensors=gaussian.to_tensors())
     log.info("step %d: checkpoint written to %s (threshold %.3f)", step, config.out, detector.calibration.image_threshold)
 
 
+
+
+def recalibrate(checkpoint, data) -> AnomalyDetector:
+    """Re-measure the calibration and refit the morph's feature Gaussian of an existing checkpoint, in place.
+
+    Uses the same held-out split as training (same seed and fraction), so calibration never sees training images.
+    """
+    from .checkpoint import load_checkpoint
+
+    detector = load_checkpoint(checkpoint)
+    settings = detector.training
+    images, _, _ = load_images(list_images(train_folder(data)), detector.resolution)
+    train_idx, hold_idx = split_holdout(len(images), settings.get("holdout_fraction", 0.15), settings.get("seed", 0))
+    augmentations = _augmentations(settings.get("augment", "flip"))
+    with torch.no_grad():
+        features = torch.cat(
+            [detector.backbone(_apply(images[train_idx][i : i + 16], r, f)) for r, f in augmentations for i in range(0, len(train_idx), 16)]
+        )
+    gaussian = FeatureGaussian.fit(features, dims=settings.get("gaussian_dims", 64), seed=settings.get("seed", 0))
+    detector.calibrate(images[hold_idx], CALIBRATED_TIMESTEPS)
+    save_checkpoint(detector, checkpoint, extra_tensors=gaussian.to_tensors())
+    return detector

@@ -1,0 +1,266 @@
+"""diffad web demo (Gradio): upload a part photo, see where the defect is, scrub the diffusion, watch the morph.
+
+Run `python app.py` (options: --help). Checkpoints come from the Hub repo in DIFFAD_HUB_REPO (one subfolder per
+category, DIFFAD_HUB_REVISION pins a revision) with the local checkpoints/ folder as the fallback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+import torch
+
+from diffad import CheckpointError, DataError
+from diffad.data import read_image
+from diffad.demo import MAP_CHOICES, VIEW_TIMESTEPS, analyse, colorbar, known_examples, map_picture, sha256_of, step_view, verdict_markdown
+from diffad.morph import MorphConfig, before_after, export_gif, export_mp4, morph
+from diffad.registry import CheckpointRegistry
+from diffad.visualize import display_range, outline, overlay
+
+ROOT = Path(__file__).resolve().parent
+EXAMPLES = ROOT / "examples"
+DEFAULT_CATEGORY = "bottle"
+MORPH_DIR = Path(tempfile.gettempdir()) / "diffad-morphs"
+MAX_MORPH_LOOPS = 20
+
+try:  # on a ZeroGPU Space, heavy calls get a GPU; elsewhere this is a no-op
+    import spaces
+
+    gpu = spaces.GPU
+except ImportError:
+    def gpu(fn):
+        return fn
+
+HOW_IT_WORKS = """
+**Anomalies as noise.** A denoising diffusion model is trained only on defect-free images of one product.
+To inspect a photo we add a small amount of Gaussian noise (a few *timesteps* t) and ask the model to take one
+denoising step. On normal regions the model's step agrees with the true reverse step of the noising process; a
+defect looks to the model like noise it should remove, so there the two disagree. The per-pixel **KL divergence**
+between the true posterior q(x<sub>t-1</sub>|x<sub>t</sub>,x<sub>0</sub>) and the model's p(x<sub>t-1</sub>|x<sub>t</sub>)
+is the pixel score. A head on the model's decoder also predicts pre-trained **EfficientNet features** of the clean
+image; where it cannot, the **feature error** is high. Both maps, z-normalised per timestep on held-out normal images,
+are summed over timesteps into the anomaly map; its top values give the image score, compared with the scores of
+normal images to give a calibrated verdict.
+
+**The morph** walks the image down the gradient of a Gaussian model of normal features (PaDiM-style energy), in
+steps that look like diffusion noise, and lets the diffusion model remove that noise every few steps. The defect is
+replaced while normal regions keep their detail.
+
+Paper: Lu et al., *Removing Anomalies as Noises for Industrial Defect Localization*, ICCV 2023.
+Code: [diffad](https://github.com/) — trained on MVTec AD (CC BY-NC-SA 4.0) and Magnetic-Tile (cite Huang et al.).
+"""
+
+
+def build_registry(args) -> CheckpointRegistry:
+    return CheckpointRegistry(local_root=args.checkpoints, hub_repo=args.hub_repo, revision=args.revision)
+
+
+def _error(exc: Exception) -> gr.Error:
+    return gr.Error(str(exc), print_exception=False)
+
+
+def make_app(registry: CheckpointRegistry) -> gr.Blocks:
+    categories = registry.categories()
+    default = DEFAULT_CATEGORY if DEFAULT_CATEGORY in categories else (categories[0] if categories else None)
+    examples_by_hash = known_examples(EXAMPLES)
+    example_rows = [[e["path"], e["category"]] for e in sorted(examples_by_hash.values(), key=lambda e: (e["category"], e["file"]))]
+    source_note = registry.hub_note or "Using local checkpoints."
+    if not categories:
+        source_note += " No checkpoints found: train one with `diffad train`."
+
+    def load(category):
+        try:
+            return registry.get(category)
+        except CheckpointError as exc:
+            raise _error(exc) from exc
+
+    @gpu
+    def run_analysis(image_path, category, progress=gr.Progress()):
+        if not image_path:
+            raise gr.Error("Upload a photo or pick an example first.", print_exception=False)
+        if category not in categories:
+            raise gr.Error(f"Unknown category {category!r}. Choose one of: {', '.join(categories)}", print_exception=False)
+        progress(0.1, desc=f"loading {category}")
+        detector, origin = load(category)
+        known = examples_by_hash.get(sha256_of(image_path)) if Path(image_path).is_file() else None
+        known_mask = None
+        if known and known.get("mask_path"):
+            known_mask = np.asarray(read_image(known["mask_path"]).convert("L")) > 127
+        progress(0.3, desc="noising and denoising")
+        try:
+            analysis = analyse(detector, image_path, known_mask=known_mask)
+        except (DataError, ValueError) as exc:
+            raise _error(exc) from exc
+        progress(0.9, desc="rendering")
+        label = next(iter(MAP_CHOICES))
+        vmin, vmax = display_range(analysis.pixel_threshold)
+        summary = {
+            "category": category, "score": round(analysis.score, 4), "percentile": round(analysis.percentile, 2),
+            "verdict": "anomalous" if analysis.score > analysis.image_threshold else "normal",
+            "image_threshold": round(analysis.image_threshold, 4), "pixel_threshold": round(analysis.pixel_threshold, 4),
+            "checkpoint": origin,
+        }
+        top = max(2 * analysis.pixel_threshold, float(analysis.maps["anomaly"].max()), 1.0)
+        top_score = max(2 * analysis.image_threshold, analysis.score * 1.2, 1.0)
+        return (
+            analysis,
+            verdict_markdown(analysis, analysis.image_threshold, analysis.pixel_threshold),
+            summary,
+            map_picture(analysis, label, analysis.pixel_threshold),
+            colorbar(vmin, vmax, "anomaly (z units over normal pixels)"),
+            gr.update(value=label),
+            gr.update(minimum=0.0, maximum=round(top, 2), value=round(analysis.pixel_threshold, 2)),
+            gr.update(minimum=0.0, maximum=round(top_score, 2), value=round(analysis.image_threshold, 2)),
+            *step_view(analysis, 0),
+            gr.update(value=0),
+        )
+
+    def redraw(analysis, map_label, mask_threshold, image_threshold):
+        if analysis is None:
+            raise gr.Error("Analyse an image first.", print_exception=False)
+        mask_threshold, image_threshold = _finite(mask_threshold, "mask threshold"), _finite(image_threshold, "verdict threshold")
+        try:
+            picture = map_picture(analysis, map_label, mask_threshold)
+        except DataError as exc:
+            raise _error(exc) from exc
+        return picture, verdict_markdown(analysis, image_threshold, mask_threshold)
+
+    def scrub(analysis, index):
+        if analysis is None:
+            raise gr.Error("Analyse an image first.", print_exception=False)
+        return step_view(analysis, _finite(index, "timestep index"))
+
+    @gpu
+    def run_morph(image_path, category, step_size, denoise_every, loops, seed):
+        if not image_path:
+            raise gr.Error("Upload a photo or pick an example first.", print_exception=False)
+        detector, _ = load(category)
+        config = MorphConfig(step_size=_finite(step_size, "step size"), denoise_every=int(_finite(denoise_every, "denoise every")),
+                             max_loops=int(min(_finite(loops, "loops"), MAX_MORPH_LOOPS)), seed=int(_finite(seed, "seed")))
+        vmin, vmax = display_range(detector.calibration.pixel_threshold)
+        frames = []
+        try:
+            for frame in morph(detector, image_path, config):
+                frames.append(frame.rgb())
+                status = (f"Step {frame.step} (loop {frame.loop}): score **{frame.score:.2f}** "
+                          f"(threshold {detector.calibration.image_threshold:.2f}), energy {frame.energy:,.0f}"
+                          + (" — normal ✅" if frame.is_normal else ""))
+                heat = outline(overlay(frames[-1], frame.anomaly_map, vmin, vmax), frame.anomaly_map > detector.calibration.pixel_threshold, (0, 255, 0))
+                yield frames[-1], heat, status, gr.update(), gr.update()
+        except (DataError, ValueError) as exc:
+            raise _error(exc) from exc
+        folder = _morph_folder()
+        gif, mp4 = export_gif(frames, folder / "morph.gif"), export_mp4(frames, folder / "morph.mp4")
+        pair = folder / "before_after.png"
+        from PIL import Image
+
+        Image.fromarray(before_after(frames[0], frames[-1])).save(pair)
+        yield frames[-1], heat, status + f" — done after {len(frames) - 1} loops.", (frames[0], frames[-1]), [str(gif), str(mp4), str(pair)]
+
+    with gr.Blocks(title="diffad — defects as noise", delete_cache=(1800, 3600)) as demo:
+        analysis_state = gr.State(None)
+        gr.Markdown("# diffad — find and explain defects with a diffusion model\n" + source_note, elem_id="header")
+        with gr.Row():
+            with gr.Column(scale=1):
+                category = gr.Dropdown(categories, value=default, label="Category", elem_id="category")
+                image_in = gr.Image(type="filepath", sources=["upload", "clipboard", "webcam"], label="Photo", elem_id="photo", height=300)
+                analyse_button = gr.Button("Analyse", variant="primary", elem_id="analyse")
+                if example_rows:
+                    gr.Examples(example_rows, inputs=[image_in, category], label="Examples (white outline: known defect)", examples_per_page=12)
+            with gr.Column(scale=2):
+                verdict = gr.Markdown("Upload a photo or pick an example.", elem_id="verdict")
+                with gr.Row():
+                    map_choice = gr.Radio(list(MAP_CHOICES), value=next(iter(MAP_CHOICES)), label="Map")
+                result = gr.Image(label="Anomaly map (green: predicted defect, white: known defect)", interactive=False, elem_id="result", height=400)
+                bar = gr.Image(show_label=False, interactive=False, height=70, container=False)
+                with gr.Row():
+                    mask_threshold = gr.Slider(0, 20, value=5, step=0.01, label="Mask threshold (z units)")
+                    image_threshold = gr.Slider(0, 40, value=10, step=0.01, label="Verdict threshold (score)")
+                details = gr.JSON(label="Details", elem_id="details")
+        with gr.Tab("Diffusion timesteps"):
+            t_slider = gr.Slider(0, len(VIEW_TIMESTEPS) - 1, value=0, step=1,
+                                 label="Timestep: " + ", ".join(f"{i}→t={t}" for i, t in enumerate(VIEW_TIMESTEPS)))
+            with gr.Row():
+                xt_img = gr.Image(label="Noised input x_t", interactive=False)
+                x0_img = gr.Image(label="Model's clean estimate x̂0", interactive=False)
+                kl_img = gr.Image(label="Per-pixel KL (z)", interactive=False)
+                feat_img = gr.Image(label="Feature error (z)", interactive=False)
+            step_text = gr.Markdown()
+        with gr.Tab("Morph to normal"):
+            with gr.Row():
+                step_size = gr.Slider(0.005, 0.1, value=0.02, step=0.005, label="Step size s")
+                denoise_every = gr.Slider(1, 20, value=5, step=1, label="Denoise every N_d steps")
+                loops = gr.Slider(1, MAX_MORPH_LOOPS, value=8, step=1, label="Max loops")
+                seed = gr.Number(0, precision=0, label="Seed")
+            morph_button = gr.Button("Morph", variant="primary", elem_id="morph")
+            morph_status = gr.Markdown()
+            with gr.Row():
+                frame_img = gr.Image(label="Current frame", interactive=False)
+                frame_map = gr.Image(label="Its anomaly map", interactive=False)
+            compare = gr.ImageSlider(label="Before / after", interactive=False)
+            downloads = gr.File(label="Download (GIF, MP4, before/after PNG)", file_count="multiple", interactive=False)
+        with gr.Accordion("How it works", open=False):
+            gr.Markdown(HOW_IT_WORKS)
+
+        analysis_outputs = [analysis_state, verdict, details, result, bar, map_choice, mask_threshold, image_threshold,
+                            xt_img, x0_img, kl_img, feat_img, step_text, t_slider]
+        analyse_button.click(run_analysis, [image_in, category], analysis_outputs, api_name="analyse", concurrency_id="model")
+        image_in.upload(run_analysis, [image_in, category], analysis_outputs, api_visibility="private", concurrency_id="model")
+        redraw_inputs = [analysis_state, map_choice, mask_threshold, image_threshold]
+        mask_threshold.change(redraw, redraw_inputs, [result, verdict], api_name="threshold", concurrency_limit=None, show_progress="hidden")
+        for trigger in (map_choice.change, image_threshold.change):
+            trigger(redraw, redraw_inputs, [result, verdict], api_visibility="private", concurrency_limit=None, show_progress="hidden")
+        t_slider.change(scrub, [analysis_state, t_slider], [xt_img, x0_img, kl_img, feat_img, step_text], api_name="timestep",
+                        concurrency_limit=None, show_progress="hidden")
+        morph_button.click(run_morph, [image_in, category, step_size, denoise_every, loops, seed],
+                           [frame_img, frame_map, morph_status, compare, downloads], api_name="morph", concurrency_id="model")
+        category.change(lambda: None, None, analysis_state, api_visibility="private")
+    return demo
+
+
+def _finite(value, name: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise gr.Error(f"{name} must be a number, got {value!r}", print_exception=False) from None
+    if not np.isfinite(number):
+        raise gr.Error(f"{name} must be a finite number, got {value!r}", print_exception=False)
+    return number
+
+
+def _morph_folder() -> Path:
+    MORPH_DIR.mkdir(parents=True, exist_ok=True)
+    for old in MORPH_DIR.iterdir():  # exports are served once; drop those older than an hour
+        if old.is_dir() and time.time() - old.stat().st_mtime > 3600:
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(dir=MORPH_DIR))
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="diffad web demo")
+    parser.add_argument("--checkpoints", default=os.environ.get("DIFFAD_CHECKPOINTS", str(ROOT / "checkpoints")))
+    parser.add_argument("--hub-repo", default=os.environ.get("DIFFAD_HUB_REPO"), help="Hub model repo, one subfolder per category")
+    parser.add_argument("--revision", default=os.environ.get("DIFFAD_HUB_REVISION"))
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
+    parser.add_argument("--max-queue", type=int, default=32)
+    parser.add_argument("--concurrency", type=int, default=2, help="model calls run at once (analysis, morph)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    demo = make_app(build_registry(args))
+    demo.queue(max_size=args.max_queue, default_concurrency_limit=args.concurrency)
+    demo.launch(server_name=args.host, server_port=args.port, max_file_size="20mb", show_error=True)
+
+
+if __name__ == "__main__":
+    main()

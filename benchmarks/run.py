@@ -1,0 +1,207 @@
+"""Benchmarks: quality against PaDiM/PatchCore on the same backbone, ablations, latency and the morph.
+
+    python benchmarks/run.py                      # every shipped category whose data is in ../shared/data
+    python benchmarks/run.py --categories bottle --morph-images 10
+
+Writes benchmarks/results.json and benchmarks/results.md (linked from the README). Latency is measured with
+torch limited to --threads CPU threads (2 by default, like a free Hugging Face Space).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.baselines import PaDiM, PatchCore  # noqa: E402
+from diffad import load_checkpoint  # noqa: E402
+from diffad.data import list_images, load_images, load_mask, read_image, to_tensor, train_folder  # noqa: E402
+from diffad.demo import VIEW_TIMESTEPS  # noqa: E402
+from diffad.evaluate import METRIC_NAMES, metrics_for, score_test_set, ScoredSet  # noqa: E402
+from diffad.morph import MorphConfig, morph, reconstruct  # noqa: E402
+from diffad.train import split_holdout  # noqa: E402
+
+DATA = {
+    "bottle": ROOT.parent / "shared" / "data" / "mvtec_ad" / "bottle",
+    "magnetic_tile": ROOT.parent / "shared" / "data" / "magnetic_tile" / "magnetic_tile",
+}
+
+
+def ablations(base):
+    replace = dataclasses.replace
+    return {
+        "diffad (default: KL + feature, t = 20/200/400)": base,
+        "pixel KL only": replace(base, alpha=1.0),
+        "feature only": replace(base, alpha=0.0),
+        "RGB error + feature (RGB baseline)": replace(base, pixel_map="rgb"),
+        "RGB error only": replace(base, alpha=1.0, pixel_map="rgb"),
+        "1 timestep (t = 20)": replace(base, timesteps=(20,)),
+        "2 timesteps (20/200)": replace(base, timesteps=(20, 200)),
+        "5 timesteps (5/20/100/200/400)": replace(base, timesteps=(5, 20, 100, 200, 400)),
+        "default + Gaussian smoothing (sigma 4)": replace(base, smoothing_sigma=4.0),
+    }
+
+
+def baseline_sets(detector, root: Path, reference: ScoredSet) -> dict[str, dict]:
+    images, _, _ = load_images(list_images(train_folder(root)), detector.resolution)
+    train_idx, _ = split_holdout(len(images), detector.training.get("holdout_fraction", 0.15), detector.training.get("seed", 0))
+    train_images = images[train_idx]
+    test = torch.stack([to_tensor(read_image(p), detector.resolution) for p in reference.paths])
+    results = {}
+    for name, model in (("PaDiM (same backbone)", PaDiM(detector.backbone)), ("PatchCore 10% (same backbone)", PatchCore(detector.backbone))):
+        start = time.time()
+        model.fit(train_images)
+        scores, maps = [], []
+        for i in range(0, len(test), 16):
+            s, m = model.predict(test[i : i + 16])
+            scores.append(s)
+            maps.append(m.astype(np.float16))
+        seconds = time.time() - start
+        scored = dataclasses.replace(reference, scores=np.concatenate(scores), maps=np.concatenate(maps))
+        results[name] = {**metrics_for(scored)["overall"], "seconds_fit_and_test": round(seconds, 1)}
+    return results
+
+
+def latency(detector, paths, threads: int, repeats: int = 7) -> dict:
+    torch.set_num_threads(threads)
+    images = [to_tensor(read_image(p), detector.resolution) for p in paths[:repeats]]
+    detector.predict(images[0])  # warm-up
+    score_times, view_times = [], []
+    for image in images:
+        start = time.perf_counter()
+        detector.predict(image)
+        score_times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        detector.predict(image, view_timesteps=VIEW_TIMESTEPS)
+        view_times.append(time.perf_counter() - start)
+    return {"threads": threads, "score_one_image_s": round(statistics.median(score_times), 3),
+            "score_with_12_view_timesteps_s": round(statistics.median(view_times), 3)}
+
+
+def psnr(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> float:
+    if not where.any():
+        return float("nan")
+    mse = float(np.mean((a[where].astype(np.float64) - b[where].astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def morph_quality(detector, scored: ScoredSet, n_images: int, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    defective = [i for i, label in enumerate(scored.labels) if label][:: max(1, int(np.sum(scored.labels)) // max(n_images, 1))][:n_images]
+    rows, first_frame, total = [], [], []
+    for i in defective:
+        path, mask = scored.paths[i], scored.masks[i]
+        start = time.perf_counter()
+        frames = []
+        for frame in morph(detector, path, MorphConfig()):
+            if not frames:
+                first_frame.append(time.perf_counter() - start)
+            frames.append(frame)
+        total.append(time.perf_counter() - start)
+        before, after = frames[0].rgb(), frames[-1].rgb()
+        recon = ((reconstruct(detector, path, t=200).permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+        inside_change = float(np.abs(after[mask].astype(float) - before[mask]).mean()) if mask.any() else float("nan")
+        rows.append({
+            "image": f"{scored.defects[i]}/{path.name}", "loops": frames[-1].loop, "score_before": frames[0].score,
+            "score_after": frames[-1].score, "normal_after": frames[-1].is_normal,
+            "psnr_outside_mask_db": psnr(after, before, ~mask), "mean_abs_change_inside_mask": inside_change,
+            "reconstruction_psnr_outside_mask_db": psnr(recon, before, ~mask),
+        })
+    return {
+        "images": len(rows),
+        "normal_after_fraction": float(np.mean([r["normal_after"] for r in rows])),
+        "median_psnr_outside_mask_db": float(np.median([r["psnr_outside_mask_db"] for r in rows])),
+        "median_reconstruction_psnr_outside_mask_db": float(np.median([r["reconstruction_psnr_outside_mask_db"] for r in rows])),
+        "median_abs_change_inside_mask": float(np.nanmedian([r["mean_abs_change_inside_mask"] for r in rows])),
+        "median_first_frame_s": float(np.median(first_frame)), "median_total_s": float(np.median(total)),
+        "rows": rows,
+    }
+
+
+def fmt(value) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.3f}"
+
+
+def markdown(results: dict) -> str:
+    out = ["# diffad benchmark results", "", f"Generated by `python benchmarks/run.py` on {results['date']} "
+           f"({results['machine']}). Evaluation at each checkpoint's resolution; AUPRO integrated to FPR 0.3.", ""]
+    for category, r in results["categories"].items():
+        out += [f"## {category}", "", f"Checkpoint: `checkpoints/{category}` — {r['training']}", ""]
+        out += ["### Quality against baselines (full official test split)", "",
+                "| method | " + " | ".join(METRIC_NAMES) + " |", "|---" * (len(METRIC_NAMES) + 1) + "|"]
+        for name, m in {**{"diffad": r["metrics"]["overall"]}, **r["baselines"]}.items():
+            out.append(f"| {name} | " + " | ".join(fmt(m[k]) for k in METRIC_NAMES) + " |")
+        out += ["", "### Per defect type (diffad)", "", "| subset | " + " | ".join(METRIC_NAMES) + " | images |",
+                "|---" * (len(METRIC_NAMES) + 2) + "|"]
+        for subset, m in r["metrics"].items():
+            out.append(f"| {subset} | " + " | ".join(fmt(m[k]) for k in METRIC_NAMES) + f" | {m['images']} |")
+        out += ["", "### Ablation", "", "| variant | " + " | ".join(METRIC_NAMES) + " |", "|---" * (len(METRIC_NAMES) + 1) + "|"]
+        for name, m in r["ablation"].items():
+            out.append(f"| {name} | " + " | ".join(fmt(m[k]) for k in METRIC_NAMES) + " |")
+        lat = r["latency"]
+        out += ["", f"### Speed ({lat['threads']} CPU threads, medians)", "",
+                f"- scoring one image (3 timesteps, KL + feature maps): **{lat['score_one_image_s']:.3f} s**",
+                f"- the app's analysis (12 timesteps kept for the slider): {lat['score_with_12_view_timesteps_s']:.3f} s"]
+        if r.get("morph"):
+            m = r["morph"]
+            out += [f"- morph: first frame {m['median_first_frame_s']:.2f} s, complete {m['median_total_s']:.2f} s", "",
+                    f"### Morph ({m['images']} defective test images, default settings)", "",
+                    f"- final score below the normal threshold: **{m['normal_after_fraction']:.0%}**",
+                    f"- PSNR outside the defect mask, morph vs input: **{m['median_psnr_outside_mask_db']:.1f} dB** (median)",
+                    f"- same for a plain diffusion reconstruction (noise to t = 200, denoise back): {m['median_reconstruction_psnr_outside_mask_db']:.1f} dB",
+                    f"- mean absolute change inside the mask: {m['median_abs_change_inside_mask']:.1f} grey levels (median)"]
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--categories", nargs="+", default=list(DATA))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--morph-images", type=int, default=12)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    results = {"date": time.strftime("%Y-%m-%d"), "machine": f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}", "categories": {}}
+    for category in args.categories:
+        root, checkpoint = DATA[category], ROOT / "checkpoints" / category
+        if not root.is_dir() or not (checkpoint / "config.json").exists():
+            print(f"skipping {category}: data ({root}) or checkpoint ({checkpoint}) missing")
+            continue
+        detector = load_checkpoint(checkpoint)
+        print(f"[{category}] scoring the test split with {len(ablations(detector.scoring))} variants")
+        variants = score_test_set(detector, root, ablations(detector.scoring))
+        default = next(iter(variants.values()))
+        t = detector.training
+        r = {
+            "training": f"{t.get('steps_done')} steps, batch {t.get('batch_size')}, {t.get('seconds', 0) / 60:.0f} min on {t.get('device')} "
+                        f"({t.get('train_images')} training + {t.get('holdout_images')} held-out images)",
+            "metrics": metrics_for(default),
+            "ablation": {name: metrics_for(s)["overall"] for name, s in variants.items()},
+        }
+        print(f"[{category}] baselines")
+        r["baselines"] = baseline_sets(detector, root, default)
+        print(f"[{category}] latency")
+        r["latency"] = latency(detector, default.paths, args.threads)
+        if args.morph_images:
+            print(f"[{category}] morph on {args.morph_images} images")
+            r["morph"] = morph_quality(detector, default, args.morph_images, args.threads)
+        results["categories"][category] = r
+        print(json.dumps({k: v for k, v in r.items() if k != "morph"}, indent=1, default=str)[:3000])
+    out = Path(args.out)
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
+    (out / "results.md").write_text(markdown(results))
+    print(f"wrote {out / 'results.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""Gradient-denoising morph: turn an anomalous image into a normal-looking one, frame by frame.
+
+A Gaussian model of normal backbone features (PaDiM style) gives an energy E(x) = sum over positions of the
+Mahalanobis distance of f(x) to the normal features. Each inner step moves x down the normalised gradient of E,
+x <- sqrt(1 - s^2) x - s g, which is a forward-diffusion step of variance s^2 when g is Gaussian; after every
+N_d steps the diffusion model removes that "noise" at the matching timestep. Normal regions have little energy
+gradient, so they only pass through the denoiser and keep their detail; the defect is what changes.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .data import to_uint8
+from .detector import AnomalyDetector
+
+GAUSSIAN_KEYS = ("gaussian_mean", "gaussian_precision", "gaussian_dims")
+# Added to every covariance so that it stays invertible (PaDiM's choice).
+COVARIANCE_EPS = 0.01
+
+
+@dataclass
+class FeatureGaussian:
+    """Per-position mean and precision (inverse covariance) of a random subset of backbone feature channels."""
+
+    mean: torch.Tensor  # (P, d)
+    precision: torch.Tensor  # (P, d, d)
+    dims: torch.Tensor  # (d,) channel indices into the backbone features
+
+    @classmethod
+    def fit(cls, features: torch.Tensor, dims: int = 64, seed: int = 0) -> "FeatureGaussian":
+        """`features`: (N, C, g, g) backbone features of normal images."""
+        n, channels, gh, gw = features.shape
+        if n < 2:
+            raise ValueError("fitting the feature Gaussian needs at least 2 normal images")
+        chosen = torch.randperm(channels, generator=torch.Generator().manual_seed(seed))[: min(dims, channels)].sort().values
+        x = features[:, chosen].float().permute(2, 3, 0, 1).reshape(gh * gw, n, -1)  # (P, N, d)
+        mean = x.mean(dim=1)
+        centred = x - mean[:, None]
+        covariance = centred.transpose(1, 2) @ centred / (n - 1) + COVARIANCE_EPS * torch.eye(len(chosen))
+        return cls(mean, torch.linalg.inv(covariance), chosen)
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        # fp16 keeps a 32x32 grid of 64x64 precisions near 8 MB; eigenvalues are bounded by 1/COVARIANCE_EPS.
+        return {"gaussian_mean": self.mean.half(), "gaussian_precision": self.precision.half(), "gaussian_dims": self.dims}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "FeatureGaussian":
+        missing = [k for k in GAUSSIAN_KEYS if k not in tensors]
+        if missing:
+            raise ValueError("this checkpoint has no feature Gaussian for the morph (run `diffad calibrate`)")
+        mean, precision, dims = tensors["gaussian_mean"], tensors["gaussian_precision"], tensors["gaussian_dims"]
+        p, d = mean.shape if mean.dim() == 2 else (0, 0)
+        if not d or precision.shape != (p, d, d) or dims.shape != (d,) or not torch.isfinite(precision.float()).all():
+            raise ValueError("the checkpoint's feature Gaussian has inconsistent shapes or values")
+        return cls(mean.float(), precision.float(), dims.long())
+
+    def energy(self, features: torch.Tensor) -> torch.Tensor:
+        """Per-image energy: (B, C, g, g) features -> (B,) summed squared Mahalanobis distances."""
+        b, _, gh, gw = features.shape
+        f = features[:, self.dims.to(features.device)].permute(0, 2, 3, 1).reshape(b, gh * gw, -1)
+        delta = f - self.mean.to(features.device)
+        return torch.einsum("bpi,pij,bpj->b", delta, self.precision.to(features.device), delta)
+
+
+@dataclass
+class MorphConfig:
+    step_size: float = 0.02  # s: each gradient step is a diffusion step of variance s^2
+    denoise_every: int = 5  # N_d
+    max_loops: int = 8
+    # Denoising timestep; None matches the noise added by N_d steps of size s.
+    timestep: int | None = None
+    stop_below_threshold: bool = True
+    seed: int = 0
+
+    def validate(self, num_timesteps: int) -> None:
+        if not 0 < self.step_size < 1:
+            raise ValueError(f"step size s must be in (0, 1), got {self.step_size}")
+        if not 1 <= int(self.denoise_every) <= 100:
+            raise ValueError(f"denoise_every must be between 1 and 100, got {self.denoise_every}")
+        if not 0 <= int(self.max_loops) <= 200:
+            raise ValueError(f"max_loops must be between 0 and 200, got {self.max_loops}")
+        if self.timestep is not None and not 0 <= int(self.timestep) < num_timesteps:
+            raise ValueError(f"timestep must be in [0, {num_timesteps - 1}], got {self.timestep}")
+
+
+@dataclass
+class MorphFrame:
+    step: int  # gradient steps taken so far
+    loop: int
+    image: torch.Tensor  # (3, R, R) in [-1, 1]
+    anomaly_map: np.ndarray
+    score: float
+    energy: float
+    is_normal: bool
+
+    def rgb(self) -> np.ndarray:
+        return to_uint8(self.image)
+
+
+def matching_timestep(detector: AnomalyDetector, step_size: float, steps: int) -> int:
+    """The t whose noise level 1 - abar_t equals the variance added by `steps` steps of size s."""
+    added = 1.0 - (1.0 - step_size**2) ** steps
+    noise_levels = 1.0 - detector.diffusion.alphas_cumprod
+    return int(torch.argmin((noise_levels - added).abs()).item())
+
+
+def feature_gaussian(detector: AnomalyDetector) -> FeatureGaussian:
+    if "gaussian" not in detector.cache:
+        detector.cache["gaussian"] = FeatureGaussian.from_tensors(detector.extra_tensors)
+    return detector.cache["gaussian"]
+
+
+def energy_gradient(detector: AnomalyDetector, gaussian: FeatureGaussian, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+    x = x.detach().requires_grad_(True)
+    energy = gaussian.energy(detector.backbone(x[None]))[0]
+    (grad,) = torch.autograd.grad(energy, x)
+    return grad, float(energy.detach())
+
+
+def morph(detector: AnomalyDetector, image, config: MorphConfig | None = None) -> Iterator[MorphFrame]:
+    """Yield frames from the input (step 0) to a normal-looking image; stops early once the score is normal."""
+    config = config or MorphConfig()
+    config.validate(detector.diffusion.num_timesteps)
+    gaussian = feature_gaussian(detector)
+    t = config.timestep if config.timestep is not None else matching_timestep(detector, config.step_size, config.denoise_every)
+    t_batch = torch.tensor([max(int(t), 1)], device=detector.device)
+    x = detector.preprocess(image).to(detector.device)
+    shrink = math.sqrt(1.0 - config.step_size**2)
+
+    def frame(step: int, loop: int, energy: float) -> MorphFrame:
+        prediction = detector.predict(x.cpu(), seed=config.seed)
+        return MorphFrame(step, loop, x.detach().cpu().clone(), prediction.anomaly_map, prediction.score, energy,
+                          not prediction.is_anomalous)
+
+    with torch.no_grad():
+        energy0 = float(gaussian.energy(detector.backbone(x[None]))[0])
+    current = frame(0, 0, energy0)
+    yield current
+    step = 0
+    for loop in range(1, int(config.max_loops) + 1):
+        if config.stop_below_threshold and current.is_normal:
+            return
+        for _ in range(int(config.denoise_every)):
+            grad, _ = energy_gradient(detector, gaussian, x)
+            grad = grad / grad.std().clamp_min(1e-12)
+            x = shrink * x - config.step_size * grad
+            step += 1
+        with torch.no_grad():
+            # Denoise: the deterministic (DDIM) step from t to 0 with the model's noise estimate.
+            eps = detector.net(x[None], t_batch).eps
+            x = detector.diffusion.predict_x0(x[None], t_batch, eps)[0].clamp(-1, 1)
+            energy = float(gaussian.energy(detector.backbone(x[None]))[0])
+        current = frame(step, loop, energy)
+        yield current
+
+
+def reconstruct(detector: AnomalyDetector, image, t: int = 200, seed: int = 0) -> torch.Tensor:
+    """Plain diffusion reconstruction baseline: noise to t, then denoise back with DDIM-style x0 estimate steps."""
+    from diffusers import DDIMScheduler
+
+    x0 = detector.preprocess(image).to(detector.device)[None]
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(detector.device)
+    x = detector.diffusion.q_sample(x0, t, noise)
+    scheduler = DDIMScheduler.from_config(detector.diffusion.scheduler.config, clip_sample=True)
+    scheduler.set_timesteps(max(1, t // 20))
+    with torch.no_grad():
+        for step_t in scheduler.timesteps[scheduler.timesteps <= t]:
+            eps = detector.net(x, step_t.view(1).to(detector.device)).eps
+            x = scheduler.step(eps, step_t, x).prev_sample
+    return x[0].clamp(-1, 1).cpu()
+
+
+def export_gif(frames: list[np.ndarray], path, duration_ms: int = 120) -> Path:
+    from PIL import Image
+
+    images = [Image.fromarray(f) for f in frames]
+    images[0].save(path, save_all=True, append_images=images[1:] + [images[-1]] * 5, duration=duration_ms, loop=0)
+    return Path(path)
+
+
+def export_mp4(frames: list[np.ndarray], path, fps: int = 8) -> Path:
+    import imageio.v2 as imageio
+
+    # Even sizes for yuv420p; repeat the last frame so players show the result.
+    h, w = (frames[0].shape[0] // 2) * 2, (frames[0].shape[1] // 2) * 2
+    with imageio.get_writer(str(path), fps=fps, codec="libx264", pixelformat="yuv420p", macro_block_size=1) as writer:
+        for f in frames + [frames[-1]] * fps:
+            writer.append_data(np.ascontiguousarray(f[:h, :w]))
+    return Path(path)
+
+
+def before_after(before: np.ndarray, after: np.ndarray, gap: int = 4) -> np.ndarray:
+    spacer = np.full((before.shape[0], gap, 3), 255, dtype=np.uint8)
+    return np.concatenate([before, spacer, after], axis=1)

@@ -1,0 +1,80 @@
+"""Which categories exist and loading them: the configured Hub repo first, local checkpoints as the fallback."""
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+from .checkpoint import CheckpointError, list_local_categories, load_checkpoint, validate_category
+from .detector import AnomalyDetector
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointRegistry:
+    """Lists categories and keeps at most `max_loaded` detectors in memory (least recently used goes first)."""
+
+    def __init__(self, local_root="checkpoints", hub_repo: str | None = None, revision: str | None = None,
+                 max_loaded: int = 3, cache_dir=None):
+        self.local_root = Path(local_root)
+        self.hub_repo = hub_repo or None
+        self.revision = revision or None
+        self.cache_dir = cache_dir
+        self.max_loaded = max(1, max_loaded)
+        self._loaded: OrderedDict[str, tuple[AnomalyDetector, str]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._hub_categories: list[str] | None = None
+        self.hub_note = ""
+
+    def hub_categories(self) -> list[str]:
+        """Category subfolders of the Hub repo; empty (with a note) when it is not configured or unreachable."""
+        if self._hub_categories is not None:
+            return self._hub_categories
+        self._hub_categories = []
+        if not self.hub_repo:
+            self.hub_note = "No Hub repo configured: using the local checkpoints/ folder."
+            return []
+        try:
+            from huggingface_hub import HfApi
+
+            entries = HfApi().list_repo_tree(self.hub_repo, revision=self.revision)
+            self._hub_categories = sorted(e.path for e in entries if "/" not in e.path and "." not in e.path)
+            self.hub_note = f"Checkpoints from the Hub repo {self.hub_repo}."
+        except Exception as exc:  # any network or Hub failure means: work offline with local checkpoints
+            log.warning("Hub repo %s unreachable: %s", self.hub_repo, exc)
+            self.hub_note = f"The Hub repo {self.hub_repo} could not be reached (offline?): using local checkpoints/ instead."
+        return self._hub_categories
+
+    def categories(self) -> list[str]:
+        return sorted(set(self.hub_categories()) | set(list_local_categories(self.local_root)))
+
+    def get(self, category: str) -> tuple[AnomalyDetector, str]:
+        """(detector, where it came from). Raises CheckpointError for unknown or broken categories."""
+        validate_category(category)
+        with self._lock:
+            if category in self._loaded:
+                self._loaded.move_to_end(category)
+                return self._loaded[category]
+            loaded = self._load(category)
+            self._loaded[category] = loaded
+            while len(self._loaded) > self.max_loaded:
+                self._loaded.popitem(last=False)
+            return loaded
+
+    def _load(self, category: str) -> tuple[AnomalyDetector, str]:
+        hub_error = None
+        if self.hub_repo:
+            try:
+                detector = load_checkpoint(self.hub_repo, category=category, revision=self.revision, cache_dir=self.cache_dir)
+                return detector, f"Hub: {self.hub_repo}/{category}" + (f" @ {self.revision}" if self.revision else "")
+            except CheckpointError as exc:
+                hub_error = str(exc)
+        if category not in list_local_categories(self.local_root):
+            known = ", ".join(self.categories()) or "none"
+            raise CheckpointError(f"unknown category {category!r} (available: {known})" + (f"; Hub: {hub_error}" if hub_error else ""))
+        detector = load_checkpoint(self.local_root / category)
+        note = f"local: {self.local_root / category}"
+        if hub_error:
+            note += f" (Hub unavailable: {hub_error})"
+        return detector, note

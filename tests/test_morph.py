@@ -1,0 +1,84 @@
+import imageio.v2 as imageio
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffad import load_checkpoint
+from diffad.morph import MorphConfig, before_after, energy_gradient, export_gif, export_mp4, feature_gaussian, morph
+from tests.conftest import BOTTLE, needs_bottle
+
+
+@pytest.fixture(scope="module")
+def detector(tiny_checkpoint):
+    return load_checkpoint(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def defective(tiny_dataset):
+    return sorted((tiny_dataset / "test" / "hole").iterdir())[0]
+
+
+def test_energy_gradient_matches_finite_differences(detector, defective):
+    import copy
+
+    gaussian = feature_gaussian(detector)
+    x = detector.preprocess(defective)
+    grad, _ = energy_gradient(detector, gaussian, x)
+    # Central differences in float64 with a small step: ReLU6 kinks make float32 differences unreliable.
+    backbone = copy.deepcopy(detector.backbone).double()
+    g64 = copy.deepcopy(gaussian)
+    g64.mean, g64.precision = g64.mean.double(), g64.precision.double()
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        direction = torch.randn(x.shape, generator=generator, dtype=torch.float64)
+        direction /= direction.norm()
+        h = 1e-4
+        with torch.no_grad():
+            plus = g64.energy(backbone((x.double() + h * direction)[None]))[0]
+            minus = g64.energy(backbone((x.double() - h * direction)[None]))[0]
+        numeric = float((plus - minus) / (2 * h))
+        analytic = float((grad.double() * direction).sum())
+        assert analytic == pytest.approx(numeric, rel=0.02)
+
+
+def test_frames_are_deterministic_and_exportable(detector, defective, tmp_path):
+    config = MorphConfig(denoise_every=2, max_loops=3, stop_below_threshold=False, seed=3)
+    frames = list(morph(detector, defective, config))
+    again = list(morph(detector, defective, config))
+    assert [f.step for f in frames] == [0, 2, 4, 6] and [f.loop for f in frames] == [0, 1, 2, 3]
+    for a, b in zip(frames, again):
+        assert torch.equal(a.image, b.image) and a.score == b.score
+    assert not torch.equal(frames[0].image, frames[-1].image)
+    pictures = [f.rgb() for f in frames]
+    gif = export_gif(pictures, tmp_path / "m.gif")
+    with Image.open(gif) as image:
+        assert image.format == "GIF" and image.n_frames >= len(frames)
+    mp4 = export_mp4(pictures, tmp_path / "m.mp4")
+    assert len(imageio.mimread(str(mp4), memtest=False)) >= len(frames)
+    pair = before_after(pictures[0], pictures[-1])
+    assert pair.shape == (32, 68, 3)
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (MorphConfig(step_size=1.0), "step size"),
+        (MorphConfig(step_size=-0.1), "step size"),
+        (MorphConfig(denoise_every=-1), "denoise_every"),
+        (MorphConfig(max_loops=-5), "max_loops"),
+        (MorphConfig(max_loops=10**9), "max_loops"),
+        (MorphConfig(timestep=5000), "timestep"),
+    ],
+)
+def test_bad_parameters_are_rejected(detector, defective, config, message):
+    with pytest.raises(ValueError, match=message):
+        next(morph(detector, defective, config))
+
+
+@needs_bottle
+def test_energy_decreases_on_the_shipped_checkpoint(bottle_detector):
+    frames = list(morph(bottle_detector, BOTTLE / "test" / "broken_large" / "000.png", MorphConfig(max_loops=3, stop_below_threshold=False)))
+    energies = [f.energy for f in frames]
+    assert energies[-1] < 0.8 * energies[0]
+    assert frames[-1].score < frames[0].score

@@ -1,0 +1,53 @@
+"""The shipped checkpoints on real data and on the project's own examples."""
+import json
+
+import numpy as np
+import pytest
+
+from diffad.data import load_mask, read_image
+from diffad.metrics import auroc
+from tests.conftest import BOTTLE, CHECKPOINTS, ROOT, needs_bottle
+
+EXAMPLES = ROOT / "examples"
+
+
+@needs_bottle
+def test_bottle_ranks_defects_above_good_images_and_maps_overlap_masks(bottle_detector):
+    good = sorted((BOTTLE / "test" / "good").iterdir())[:4]
+    defective = [sorted((BOTTLE / "test" / d).iterdir())[i] for d in ("broken_large", "broken_small", "contamination") for i in (0, 1)]
+    good_scores = [bottle_detector.predict(p).score for p in good]
+    maps, masks, bad_scores = [], [], []
+    for path in defective:
+        prediction = bottle_detector.predict(path)
+        bad_scores.append(prediction.score)
+        mask_path = BOTTLE / "ground_truth" / path.parent.name / f"{path.stem}_mask.png"
+        masks.append(load_mask(mask_path, read_image(path).size, bottle_detector.resolution))
+        maps.append(prediction.anomaly_map)
+    assert min(bad_scores) > max(good_scores)
+    assert auroc(np.stack(masks), np.stack(maps)) > 0.9
+    assert sum(p.is_anomalous for p in map(bottle_detector.predict, defective[:2])) == 2
+
+
+@pytest.mark.parametrize("category", ["bottle", "magnetic_tile"])
+def test_examples_are_ranked_and_documented(category):
+    from diffad import load_checkpoint
+
+    manifest = json.loads((EXAMPLES / category / "manifest.json").read_text())
+    entries = manifest["images"]
+    normal = [e for e in entries if e["kind"] == "normal"]
+    defective = [e for e in entries if e["kind"] != "normal"]
+    assert len(normal) >= 2 and len(defective) >= 4
+    detector = load_checkpoint(CHECKPOINTS / category)
+    scores = {e["file"]: detector.predict(EXAMPLES / category / e["file"]).score for e in entries}
+    assert min(scores[e["file"]] for e in defective) > max(scores[e["file"]] for e in normal)
+    for e in defective:
+        mask = np.asarray(read_image(EXAMPLES / category / e["mask"]).convert("L")) > 127
+        assert mask.any()
+
+
+def test_shipped_checkpoints_are_small_and_safetensors_only():
+    for category in ("bottle", "magnetic_tile"):
+        folder = CHECKPOINTS / category
+        files = {p.name for p in folder.iterdir()}
+        assert {"config.json", "model.safetensors"} <= files and not any(n.endswith((".pt", ".pth", ".pkl", ".bin")) for n in files)
+        assert sum(p.stat().st_size for p in folder.iterdir()) < 30 * 2**20
