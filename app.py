@@ -53,7 +53,7 @@ steps that look like diffusion noise, and lets the diffusion model remove that n
 replaced while normal regions keep their detail.
 
 Paper: Lu et al., *Removing Anomalies as Noises for Industrial Defect Localization*, ICCV 2023.
-Code: [diffad](https://github.com/) — trained on MVTec AD (CC BY-NC-SA 4.0) and Magnetic-Tile (cite Huang et al.).
+Code: diffad (this repository) — checkpoints trained on MVTec AD (CC BY-NC-SA 4.0) and Magnetic-Tile (cite Huang et al.).
 """
 
 

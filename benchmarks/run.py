@@ -171,7 +171,10 @@ def main(argv=None):
     parser.add_argument("--out", default=str(ROOT / "benchmarks"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    out = Path(args.out)
     results = {"date": time.strftime("%Y-%m-%d"), "machine": f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}", "categories": {}}
+    if (out / "results.json").exists():  # categories not re-run keep their earlier results
+        results["categories"] = json.loads((out / "results.json").read_text()).get("categories", {})
     for category in args.categories:
         root, checkpoint = DATA[category], ROOT / "checkpoints" / category
         if not root.is_dir() or not (checkpoint / "config.json").exists():
@@ -197,7 +200,6 @@ def main(argv=None):
             r["morph"] = morph_quality(detector, default, args.morph_images, args.threads)
         results["categories"][category] = r
         print(json.dumps({k: v for k, v in r.items() if k != "morph"}, indent=1, default=str)[:3000])
-    out = Path(args.out)
     (out / "results.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
     (out / "results.md").write_text(markdown(results))
     print(f"wrote {out / 'results.md'}")

@@ -15,7 +15,7 @@ tags: [anomaly-detection, defect-detection, diffusion, industrial-inspection]
 
 A learned-variance diffusion model with a feature-reconstruction head, trained on defect-free images of
 **{category}** only, for the method of *Removing Anomalies as Noises for Industrial Defect Localization*
-(Lu et al., ICCV 2023) as implemented by [diffad](https://github.com/).
+(Lu et al., ICCV 2023) as implemented by diffad.
 
 - Resolution {resolution} px, scoring timesteps {timesteps}, backbone `{backbone}`.
 - Training: {training}.

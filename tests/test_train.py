@@ -27,6 +27,11 @@ def test_training_lowers_the_loss_and_resumes(tiny_dataset, tmp_path):
     detector = load_checkpoint(out)
     assert detector.training["steps_done"] == 60 and detector.training["train_images"] + detector.training["holdout_images"] == 10
     assert np.isfinite(detector.calibration.image_threshold) and len(detector.calibration.normal_scores) == 2
+    # Smoothing is chosen on synthetic defects in the held-out images, and the best candidate is the default.
+    validation = detector.calibration.smoothing_validation
+    assert set(validation) == {"0.0", "2.0", "4.0", "8.0"}
+    best = max(validation, key=lambda k: validation[k]["pixel_auroc"] + validation[k]["aupro"])
+    assert detector.scoring.smoothing_sigma == float(best)
 
 
 def test_holdout_split_and_too_few_images(tmp_path):
