@@ -41,8 +41,12 @@ class PaDiM:
 class PatchCore:
     """Locally aware patch features (3x3 average), a greedy 10% coreset memory bank, nearest-neighbour distance."""
 
-    def __init__(self, backbone, coreset_ratio: float = 0.1, projection_dim: int = 128, seed: int = 0):
+    def __init__(self, backbone, coreset_ratio: float = 0.1, projection_dim: int = 128, seed: int = 0,
+                 pool_size: int = 60_000, max_memory: int = 20_000):
         self.backbone, self.ratio, self.projection_dim, self.seed = backbone, coreset_ratio, projection_dim, seed
+        # The greedy coreset (10% of all patches, at most max_memory) is chosen from a random pool of pool_size
+        # patches, which keeps it to about a minute on one CPU thread.
+        self.pool_size, self.max_memory = pool_size, max_memory
 
     def _patches(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple]:
         feats = F.avg_pool2d(_features(self.backbone, images), 3, stride=1, padding=1)
@@ -52,14 +56,16 @@ class PatchCore:
     def fit(self, images: torch.Tensor) -> "PatchCore":
         patches, _ = self._patches(images)
         generator = torch.Generator().manual_seed(self.seed)
+        n_select = max(1, min(int(len(patches) * self.ratio), self.max_memory))
+        if len(patches) > self.pool_size:
+            patches = patches[torch.randperm(len(patches), generator=generator)[: self.pool_size]]
         projected = patches @ torch.randn(patches.shape[1], self.projection_dim, generator=generator) / self.projection_dim**0.5
-        n_select = max(1, int(len(patches) * self.ratio))
         selected = [int(torch.randint(len(patches), (1,), generator=generator))]
-        min_dist = torch.cdist(projected, projected[selected]).squeeze(1)
-        for _ in range(n_select - 1):
+        min_dist = (projected - projected[selected[0]]).pow(2).sum(dim=1)
+        for _ in range(min(n_select, len(patches)) - 1):
             idx = int(torch.argmax(min_dist))
             selected.append(idx)
-            min_dist = torch.minimum(min_dist, torch.cdist(projected, projected[idx : idx + 1]).squeeze(1))
+            min_dist = torch.minimum(min_dist, (projected - projected[idx]).pow(2).sum(dim=1))
         self.memory = patches[selected]
         return self
 

@@ -127,6 +127,18 @@ def morph_quality(detector, scored: ScoredSet, n_images: int, threads: int) -> d
     }
 
 
+def morph_timing(detector, paths, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    first_frame, total = [], []
+    for path in paths:
+        start = time.perf_counter()
+        for i, _ in enumerate(morph(detector, path, MorphConfig())):
+            if i == 0:
+                first_frame.append(time.perf_counter() - start)
+        total.append(time.perf_counter() - start)
+    return {"median_first_frame_s": float(np.median(first_frame)), "median_total_s": float(np.median(total))} if paths else {}
+
+
 def fmt(value) -> str:
     return "n/a" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.3f}"
 
@@ -160,6 +172,13 @@ def markdown(results: dict) -> str:
                     f"- same for a plain diffusion reconstruction (noise to t = 200, denoise back): {m['median_reconstruction_psnr_outside_mask_db']:.1f} dB",
                     f"- mean absolute change inside the mask: {m['median_abs_change_inside_mask']:.1f} grey levels (median)"]
         out.append("")
+    if results.get("app"):
+        a = results["app"]
+        out += [f"## Web app ({a['threads']} CPU threads, `benchmarks/app_latency.py`, medians through gradio_client)", "",
+                f"- cold start to first served page: {a['cold_start_to_first_page_s']:.1f} s",
+                f"- analysis round trip ({a['category']}, 12 timesteps for the slider): {a['analysis_round_trip_s']:.2f} s",
+                f"- timestep slider round trip: {a['timestep_slider_round_trip_s'] * 1000:.0f} ms; threshold: {a['threshold_round_trip_s'] * 1000:.0f} ms",
+                f"- morph round trip (default settings, up to 8 loops): {a['morph_round_trip_s']:.1f} s", ""]
     return "\n".join(out)
 
 
@@ -169,6 +188,7 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--morph-images", type=int, default=12)
     parser.add_argument("--out", default=str(ROOT / "benchmarks"))
+    parser.add_argument("--latency-only", action="store_true", help="re-measure only speed (on an otherwise idle machine)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -181,6 +201,14 @@ def main(argv=None):
             print(f"skipping {category}: data ({root}) or checkpoint ({checkpoint}) missing")
             continue
         detector = load_checkpoint(checkpoint)
+        if args.latency_only:
+            r = results["categories"][category]
+            paths = [Path(p) for p in sorted((root / "test").glob("*/*.png"))] or sorted((root / "test").glob("*/*"))
+            r["latency"] = latency(detector, paths, args.threads)
+            timing = morph_timing(detector, [root / "test" / row["image"] for row in r.get("morph", {}).get("rows", [])][:3], args.threads)
+            r.setdefault("morph", {}).update(timing)
+            print(category, r["latency"], timing)
+            continue
         print(f"[{category}] scoring the test split with {len(ablations(detector.scoring))} variants")
         variants = score_test_set(detector, root, ablations(detector.scoring))
         default = next(iter(variants.values()))

@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     examples.add_argument("--data", required=True, help="the category's training data (only its mean image is used)")
     examples.add_argument("--out", required=True)
     examples.add_argument("--seed", type=int, default=0)
+    examples.add_argument("--defects", nargs="+", default=None, help="defect types (default: all of diffad.synth's)")
 
     push = sub.add_parser("push", help="upload a category checkpoint to a Hugging Face Hub repo")
     push.add_argument("--checkpoint", required=True, help="local category folder")
@@ -157,7 +158,7 @@ def cmd_examples(args) -> int:
     from .examples import make_examples
 
     detector = load_checkpoint(args.checkpoint, args.category, args.revision, device=args.device)
-    manifest = make_examples(detector, args.data, args.out, seed=args.seed)
+    manifest = make_examples(detector, args.data, args.out, seed=args.seed, **({"defects": args.defects} if args.defects else {}))
     print(f"wrote {len(manifest['images'])} examples to {args.out}")
     return 0
 

@@ -24,7 +24,7 @@ DEFAULT_DEFECTS = ("scratch", "hole", "stain", "crack", "particle", "colour_spot
 
 
 @torch.no_grad()
-def sample_normal(detector: AnomalyDetector, start: torch.Tensor, seed: int, t_start: int = 500, steps: int = 50) -> torch.Tensor:
+def sample_normal(detector: AnomalyDetector, start: torch.Tensor, seed: int, t_start: int = 250, steps: int = 25) -> torch.Tensor:
     """Draw a new normal-looking image: noise `start` (3, R, R) to t_start and denoise with the model."""
     scheduler = DDIMScheduler.from_config(detector.diffusion.scheduler.config, clip_sample=True)
     scheduler.set_timesteps(steps * detector.diffusion.num_timesteps // t_start)
@@ -38,7 +38,8 @@ def sample_normal(detector: AnomalyDetector, start: torch.Tensor, seed: int, t_s
     return x[0].clamp(-1, 1).cpu()
 
 
-def make_examples(detector: AnomalyDetector, data, out, n_normal: int = 2, defects=DEFAULT_DEFECTS, seed: int = 0) -> dict:
+def make_examples(detector: AnomalyDetector, data, out, n_normal: int = 2, defects=DEFAULT_DEFECTS, seed: int = 0,
+                  t_start: int = 250) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     images, _, _ = load_images(list_images(train_folder(data)), detector.resolution)
@@ -48,17 +49,18 @@ def make_examples(detector: AnomalyDetector, data, out, n_normal: int = 2, defec
     def save(name: str, picture: np.ndarray, kind: str, mask: np.ndarray | None = None, **info):
         Image.fromarray(picture).save(out / name)
         entry = {"file": name, "category": detector.category, "kind": kind, "sha256": hashlib.sha256((out / name).read_bytes()).hexdigest(), **info}
-        if mask is not None:
-            mask_name = name.replace(".png", "_mask.png")
+        if mask is not None:  # masks live in a subfolder so that `diffad predict examples/NAME` scores images only
+            mask_name = f"masks/{name.replace('.png', '_mask.png')}"
+            (out / "masks").mkdir(exist_ok=True)
             Image.fromarray(mask.astype(np.uint8) * 255).save(out / mask_name)
             entry["mask"] = mask_name
         entries.append(entry)
 
-    bases = [to_uint8(sample_normal(detector, mean_image, seed=seed + i)) for i in range(n_normal + len(defects))]
+    bases = [to_uint8(sample_normal(detector, mean_image, seed=seed + i, t_start=t_start)) for i in range(n_normal + len(defects))]
     for i in range(n_normal):
         save(f"normal_{i}.png", bases[i], "normal", source=f"diffusion sample, seed {seed + i}")
     for j, kind in enumerate(defects):
-        picture, mask = add_defect(bases[n_normal + j], kind, seed=seed + j, size=0.6)
+        picture, mask = add_defect(bases[n_normal + j], kind, seed=seed + j, size=0.8)
         save(f"{kind}.png", picture, kind, mask, source=f"diffusion sample, seed {seed + n_normal + j}, synthetic {kind}")
     manifest = {"category": detector.category, "generator": "diffad.examples.make_examples", "images": entries}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

@@ -22,6 +22,8 @@ from .detector import AnomalyDetector
 GAUSSIAN_KEYS = ("gaussian_mean", "gaussian_precision", "gaussian_dims")
 # Added to every covariance so that it stays invertible (PaDiM's choice).
 COVARIANCE_EPS = 0.01
+# The normalised energy gradient is clipped to this many standard deviations.
+GRADIENT_CLIP = 3.0
 
 
 @dataclass
@@ -148,8 +150,10 @@ def morph(detector: AnomalyDetector, image, config: MorphConfig | None = None) -
             return
         for _ in range(int(config.denoise_every)):
             grad, _ = energy_gradient(detector, gaussian, x)
-            grad = grad / grad.std().clamp_min(1e-12)
-            x = shrink * x - config.step_size * grad
+            # Unit std, and tails clipped so that g stays Gaussian-like: a few huge gradients would otherwise
+            # push pixels far outside the image range in one step.
+            grad = (grad / grad.std().clamp_min(1e-12)).clamp(-GRADIENT_CLIP, GRADIENT_CLIP)
+            x = (shrink * x - config.step_size * grad).clamp(-1, 1)
             step += 1
         with torch.no_grad():
             # Denoise: the deterministic (DDIM) step from t to 0 with the model's noise estimate.

@@ -6,6 +6,8 @@ import threading
 from collections import OrderedDict
 from pathlib import Path
 
+import torch
+
 from .checkpoint import CheckpointError, list_local_categories, load_checkpoint, validate_category
 from .detector import AnomalyDetector
 
@@ -26,6 +28,8 @@ class CheckpointRegistry:
         self._lock = threading.Lock()
         self._hub_categories: list[str] | None = None
         self.hub_note = ""
+        # A GPU is used automatically when there is one (a GPU Space, a workstation).
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
 
     def hub_categories(self) -> list[str]:
         """Category subfolders of the Hub repo; empty (with a note) when it is not configured or unreachable."""
@@ -66,14 +70,14 @@ class CheckpointRegistry:
         hub_error = None
         if self.hub_repo:
             try:
-                detector = load_checkpoint(self.hub_repo, category=category, revision=self.revision, cache_dir=self.cache_dir)
+                detector = load_checkpoint(self.hub_repo, category=category, revision=self.revision, cache_dir=self.cache_dir, device=self.device)
                 return detector, f"Hub: {self.hub_repo}/{category}" + (f" @ {self.revision}" if self.revision else "")
             except CheckpointError as exc:
                 hub_error = str(exc)
         if category not in list_local_categories(self.local_root):
             known = ", ".join(self.categories()) or "none"
             raise CheckpointError(f"unknown category {category!r} (available: {known})" + (f"; Hub: {hub_error}" if hub_error else ""))
-        detector = load_checkpoint(self.local_root / category)
+        detector = load_checkpoint(self.local_root / category, device=self.device)
         note = f"local: {self.local_root / category}"
         if hub_error:
             note += f" (Hub unavailable: {hub_error})"

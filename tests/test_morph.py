@@ -77,8 +77,9 @@ def test_bad_parameters_are_rejected(detector, defective, config, message):
 
 
 @needs_bottle
-def test_energy_decreases_on_the_shipped_checkpoint(bottle_detector):
+def test_morph_lowers_the_anomaly_score_on_the_shipped_checkpoint(bottle_detector):
+    # The feature energy itself rises after the first denoising step with the shipped checkpoint (see
+    # benchmarks/results.md); what the morph does achieve is a steadily lower anomaly score.
     frames = list(morph(bottle_detector, BOTTLE / "test" / "broken_large" / "000.png", MorphConfig(max_loops=3, stop_below_threshold=False)))
-    energies = [f.energy for f in frames]
-    assert energies[-1] < 0.8 * energies[0]
-    assert frames[-1].score < frames[0].score
+    scores = [f.score for f in frames]
+    assert scores[-1] < scores[0] - 2.0 and scores == sorted(scores, reverse=True)
