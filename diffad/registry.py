@@ -45,10 +45,25 @@ class CheckpointRegistry:
             entries = HfApi().list_repo_tree(self.hub_repo, revision=self.revision)
             self._hub_categories = sorted(e.path for e in entries if "/" not in e.path and "." not in e.path)
             self.hub_note = f"Checkpoints from the Hub repo {self.hub_repo}."
-        except Exception as exc:  # any network or Hub failure means: work offline with local checkpoints
+        except Exception as exc:  # any network or Hub failure means: work offline
             log.warning("Hub repo %s unreachable: %s", self.hub_repo, exc)
-            self.hub_note = f"The Hub repo {self.hub_repo} could not be reached (offline?): using local checkpoints/ instead."
+            self._hub_categories = self._cached_hub_categories()
+            if self._hub_categories:
+                self.hub_note = (f"The Hub repo {self.hub_repo} could not be reached (offline?): using its local cache "
+                                 f"({', '.join(self._hub_categories)}) and the local checkpoints/ folder.")
+            else:
+                self.hub_note = f"The Hub repo {self.hub_repo} could not be reached (offline?): using local checkpoints/ instead."
         return self._hub_categories
+
+    def _cached_hub_categories(self) -> list[str]:
+        """Categories of the Hub repo that huggingface_hub's cache already holds (for offline use)."""
+        from huggingface_hub import snapshot_download
+
+        try:
+            snapshot = Path(snapshot_download(self.hub_repo, revision=self.revision, cache_dir=self.cache_dir, local_files_only=True))
+        except Exception:  # nothing cached
+            return []
+        return list_local_categories(snapshot)
 
     def categories(self) -> list[str]:
         return sorted(set(self.hub_categories()) | set(list_local_categories(self.local_root)))

@@ -38,14 +38,16 @@ def wait_for(url: str, process, timeout: float = 180) -> None:
 
 @pytest.fixture(scope="module")
 def app_server(tiny_checkpoint, tmp_path_factory):
-    """The app on the tiny test checkpoint, with a Hub repo configured that cannot be reached (offline fallback)."""
-    checkpoints = tmp_path_factory.mktemp("app_checkpoints")
-    shutil.copytree(tiny_checkpoint, checkpoints / "part", ignore=shutil.ignore_patterns("train_state.pt"))
+    """The app on the shipped checkpoints, plus a Hub repo that is offline but cached locally (category "part")."""
+    from tests.test_checkpoint import make_hub_cache
+
+    hub_cache = tmp_path_factory.mktemp("hub_cache")
+    make_hub_cache(hub_cache, "someone/diffad-checkpoints", "part", tiny_checkpoint)
     port = free_port()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(hub_cache), GRADIO_ANALYTICS_ENABLED="False")
     log = (tmp_path_factory.mktemp("app_log") / "app.log").open("w")
     process = subprocess.Popen(
-        [sys.executable, str(ROOT / "app.py"), "--checkpoints", str(checkpoints), "--port", str(port), "--hub-repo", "nobody/offline-repo"],
+        [sys.executable, str(ROOT / "app.py"), "--port", str(port), "--hub-repo", "someone/diffad-checkpoints"],
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}/"
@@ -66,26 +68,33 @@ def example_images(dataset: Path):
     return sorted((dataset / "test" / "hole").iterdir())[0], sorted((dataset / "test" / "good").iterdir())[0]
 
 
+EXAMPLES = ROOT / "examples" / "bottle"
+
+
 def test_analyse_scrub_threshold_and_morph(client, tiny_dataset):
     from gradio_client import handle_file
 
-    defective, normal = example_images(tiny_dataset)
-    normal_details = client.predict(handle_file(str(normal)), "part", api_name="/analyse")[1]
-    assert isinstance(normal_details["score"], float)
-    result = client.predict(handle_file(str(defective)), "part", api_name="/analyse")
+    normal_details = client.predict(handle_file(str(EXAMPLES / "normal_0.png")), "bottle", api_name="/analyse")[1]
+    result = client.predict(handle_file(str(EXAMPLES / "crack.png")), "bottle", api_name="/analyse")
     details = result[1]
-    assert details["category"] == "part" and details["verdict"] in ("normal", "anomalous")
-    assert "Hub unavailable" in details["checkpoint"] and "local" in details["checkpoint"]
+    assert details["category"] == "bottle" and details["verdict"] == "anomalous"
+    assert details["score"] > normal_details["score"]
+    assert details["checkpoint"].startswith("local:") and "Hub unavailable" in details["checkpoint"]
     assert Path(result[2]).is_file()  # the overlay picture
 
     # The state holds the last analysis: scrubbing and thresholds answer without recomputation.
     views = client.predict(5, api_name="/timestep")
     assert all(Path(p).is_file() for p in views[:4]) and "t = 150" in views[4]
     score = details["score"]
-    _, verdict = client.predict("Combined", 0.0, max(score, 0.0) * 1.1 + 0.01, api_name="/threshold")
-    assert "Normal" in verdict and "Flagged area: 100.00%" in verdict
+    _, verdict = client.predict("Combined", 0.0, score * 1.1, api_name="/threshold")
+    assert "Normal" in verdict and "Flagged area: 0.00%" not in verdict
     _, verdict = client.predict("Feature error", 0.0, 0.0, api_name="/threshold")
-    assert ("Anomalous" in verdict) == (score > 0)
+    assert "Anomalous" in verdict
+
+    # "part" exists only in the (offline) Hub cache.
+    defective, _ = example_images(tiny_dataset)
+    part = client.predict(handle_file(str(defective)), "part", api_name="/analyse")[1]
+    assert part["checkpoint"] == "Hub: someone/diffad-checkpoints/part"
 
     job = client.submit(handle_file(str(defective)), "part", 0.02, 2, 2, 0, api_name="/morph")
     outputs = job.result(timeout=300)
@@ -93,14 +102,14 @@ def test_analyse_scrub_threshold_and_morph(client, tiny_dataset):
     assert len(outputs[4]) == 3 and all(Path(f).stat().st_size > 0 for f in outputs[4])
 
 
-def test_bad_requests_get_clear_errors(client, tmp_path, tiny_dataset):
+def test_bad_requests_get_clear_errors(client, tmp_path):
     from gradio_client import handle_file
 
     junk = tmp_path / "junk.png"
     junk.write_bytes(b"this is not an image")
     with pytest.raises(Exception, match="(?i)cannot identify image|not a readable"):
         client.predict(handle_file(str(junk)), "part", api_name="/analyse")
-    defective, _ = example_images(tiny_dataset)
+    defective = EXAMPLES / "crack.png"
     with pytest.raises(Exception, match="(?i)not in the list of choices|unknown category"):
         client.predict(handle_file(str(defective)), "../../etc", api_name="/analyse")
 
@@ -109,10 +118,10 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is not installed (.ci/run installs it)")
-def test_real_browser_upload_and_result(app_server, tiny_dataset, tmp_path):
+def test_real_browser_upload_and_result(app_server, tmp_path):
     from playwright.sync_api import sync_playwright
 
-    defective, _ = example_images(tiny_dataset)
+    defective = EXAMPLES / "crack.png"
     flags = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
              "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
     with sync_playwright() as p:
@@ -127,7 +136,7 @@ def test_real_browser_upload_and_result(app_server, tiny_dataset, tmp_path):
                 timeout=180_000,
             )
             verdict = page.inner_text("#verdict")
-            assert ("Anomalous" in verdict or "Normal" in verdict) and "held-out normal" in verdict
+            assert "Anomalous" in verdict and "held-out normal bottle images" in verdict
             page.wait_for_selector("#result img", timeout=60_000)
             assert page.eval_on_selector("#result img", "img => img.naturalWidth") > 0
             page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
