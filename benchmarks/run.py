@@ -167,7 +167,8 @@ def markdown(results: dict) -> str:
         if r.get("morph"):
             m = r["morph"]
             out += [f"- morph: first frame {m['median_first_frame_s']:.2f} s, complete {m['median_total_s']:.2f} s", "",
-                    f"### Morph ({m['images']} defective test images, default settings)", "",
+                    f"### Morph ({m['images']} defective test images, default settings; "
+                    f"{sum(row['loops'] == 0 for row in m.get('rows', []))} of them already scored normal before it)", "",
                     f"- final score below the normal threshold: **{m['normal_after_fraction']:.0%}**",
                     f"- PSNR outside the defect mask, morph vs input: **{m['median_psnr_outside_mask_db']:.1f} dB** (median)",
                     f"- same for a plain diffusion reconstruction (noise to t = 200, denoise back): {m['median_reconstruction_psnr_outside_mask_db']:.1f} dB",
