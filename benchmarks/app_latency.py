@@ -10,21 +10,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.test_app import free_port, wait_for  # noqa: E402  (the same launch helpers the app tests use)
 
 
 def main(argv=None):
@@ -44,15 +39,7 @@ def main(argv=None):
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/"
     try:
-        while True:
-            try:
-                with urllib.request.urlopen(url, timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.2)
-            if time.perf_counter() - start > 300:
-                raise TimeoutError("the app did not start within 300 s")
+        wait_for(url, process, timeout=300)
         cold_start = time.perf_counter() - start
         client = Client(url, verbose=False)
         client.predict(handle_file(images[0]), args.category, api_name="/analyse")  # loads the model
@@ -87,7 +74,6 @@ def main(argv=None):
     results = json.loads(results_path.read_text()) if results_path.exists() else {"categories": {}}
     results["app"] = result
     results_path.write_text(json.dumps(results, indent=2) + "\n")
-    sys.path.insert(0, str(ROOT))
     from benchmarks.run import markdown
 
     (ROOT / "benchmarks" / "results.md").write_text(markdown(results))

@@ -32,7 +32,7 @@ def wait_for(url: str, process, timeout: float = 180) -> None:
                 if response.status == 200:
                     return
         except OSError:
-            time.sleep(0.5)
+            time.sleep(0.2)
     raise TimeoutError(f"{url} did not answer within {timeout} s")
 
 

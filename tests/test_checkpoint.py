@@ -114,3 +114,17 @@ def test_hub_cache_loads_offline(tiny_checkpoint, tmp_path, monkeypatch):
         load_checkpoint("someone/diffad-checkpoints", category="bottle", cache_dir=tmp_path)
     with pytest.raises(CheckpointError, match="needs a category"):
         load_checkpoint("someone/diffad-checkpoints", cache_dir=tmp_path)
+
+
+def test_maps_are_identical_across_processes(tiny_checkpoint, tiny_dataset):
+    import subprocess
+    import sys
+
+    image = sorted((tiny_dataset / "test" / "hole").iterdir())[0]
+    code = (
+        "import hashlib, sys, diffad; p = diffad.load_checkpoint(sys.argv[1]).predict(sys.argv[2]); "
+        "print(hashlib.sha256(p.anomaly_map.tobytes()).hexdigest(), repr(p.score))"
+    )
+    outputs = {subprocess.run([sys.executable, "-c", code, str(tiny_checkpoint), str(image)], capture_output=True,
+                              text=True, check=True, timeout=120).stdout for _ in range(2)}
+    assert len(outputs) == 1 and len(outputs.pop().split()) == 2
