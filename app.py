@@ -15,13 +15,14 @@ from pathlib import Path
 import gradio as gr
 import numpy as np
 import torch
+from PIL import Image
 
 from diffad import CheckpointError, DataError
 from diffad.data import read_image
 from diffad.demo import MAP_CHOICES, VIEW_TIMESTEPS, analyse, colorbar, known_examples, map_picture, sha256_of, step_view, verdict_markdown
 from diffad.morph import MorphConfig, before_after, export_gif, export_mp4, morph
 from diffad.registry import CheckpointRegistry
-from diffad.visualize import display_range, outline, overlay
+from diffad.visualize import anomaly_picture, display_range
 
 ROOT = Path(__file__).resolve().parent
 EXAMPLES = ROOT / "examples"
@@ -55,10 +56,6 @@ replaced while normal regions keep their detail.
 Paper: Lu et al., *Removing Anomalies as Noises for Industrial Defect Localization*, ICCV 2023.
 Code: diffad (this repository) — checkpoints trained on MVTec AD (CC BY-NC-SA 4.0) and Magnetic-Tile (cite Huang et al.).
 """
-
-
-def build_registry(args) -> CheckpointRegistry:
-    return CheckpointRegistry(local_root=args.checkpoints, hub_repo=args.hub_repo, revision=args.revision)
 
 
 def _error(exc: Exception) -> gr.Error:
@@ -143,7 +140,6 @@ def make_app(registry: CheckpointRegistry) -> gr.Blocks:
         detector, _ = load(category)
         config = MorphConfig(step_size=_finite(step_size, "step size"), denoise_every=int(_finite(denoise_every, "denoise every")),
                              max_loops=int(min(_finite(loops, "loops"), MAX_MORPH_LOOPS)), seed=int(_finite(seed, "seed")))
-        vmin, vmax = display_range(detector.calibration.pixel_threshold)
         frames = []
         try:
             for frame in morph(detector, image_path, config):
@@ -151,15 +147,13 @@ def make_app(registry: CheckpointRegistry) -> gr.Blocks:
                 status = (f"Step {frame.step} (loop {frame.loop}): score **{frame.score:.2f}** "
                           f"(threshold {detector.calibration.image_threshold:.2f}), energy {frame.energy:,.0f}"
                           + (" — normal ✅" if frame.is_normal else ""))
-                heat = outline(overlay(frames[-1], frame.anomaly_map, vmin, vmax), frame.anomaly_map > detector.calibration.pixel_threshold, (0, 255, 0))
+                heat = anomaly_picture(frames[-1], frame.anomaly_map, detector.calibration.pixel_threshold)
                 yield frames[-1], heat, status, gr.update(), gr.update()
         except (DataError, ValueError) as exc:
             raise _error(exc) from exc
         folder = _morph_folder()
         gif, mp4 = export_gif(frames, folder / "morph.gif"), export_mp4(frames, folder / "morph.mp4")
         pair = folder / "before_after.png"
-        from PIL import Image
-
         Image.fromarray(before_after(frames[0], frames[-1])).save(pair)
         yield frames[-1], heat, status + f" — done after {len(frames) - 1} loops.", (frames[0], frames[-1]), [str(gif), str(mp4), str(pair)]
 
@@ -257,7 +251,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    demo = make_app(build_registry(args))
+    demo = make_app(CheckpointRegistry(local_root=args.checkpoints, hub_repo=args.hub_repo, revision=args.revision))
     demo.queue(max_size=args.max_queue, default_concurrency_limit=args.concurrency)
     demo.launch(server_name=args.host, server_port=args.port, max_file_size="20mb", show_error=True)
 

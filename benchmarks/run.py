@@ -24,11 +24,11 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.baselines import PaDiM, PatchCore  # noqa: E402
 from diffad import load_checkpoint  # noqa: E402
-from diffad.data import list_images, load_images, load_mask, read_image, to_tensor, train_folder  # noqa: E402
+from diffad.data import list_images, list_test_samples, load_images, load_mask, read_image, to_tensor, to_uint8, train_folder  # noqa: E402
 from diffad.demo import VIEW_TIMESTEPS  # noqa: E402
 from diffad.evaluate import METRIC_NAMES, ScoredSet, metrics_for, score_test_set  # noqa: E402
 from diffad.metrics import evaluate_maps  # noqa: E402
-from diffad.morph import MorphConfig, morph, reconstruct  # noqa: E402
+from diffad.morph import MorphConfig, morph  # noqa: E402
 from diffad.train import split_holdout  # noqa: E402
 
 DATA = {
@@ -109,7 +109,7 @@ def morph_quality(detector, scored: ScoredSet, n_images: int, threads: int) -> d
             frames.append(frame)
         total.append(time.perf_counter() - start)
         before, after = frames[0].rgb(), frames[-1].rgb()
-        recon = ((reconstruct(detector, path, t=200).permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+        recon = to_uint8(detector.reconstruct(detector.preprocess(path), 200, steps=10))
         inside_change = float(np.abs(after[mask].astype(float) - before[mask]).mean()) if mask.any() else float("nan")
         rows.append({
             "image": f"{scored.defects[i]}/{path.name}", "loops": frames[-1].loop, "score_before": frames[0].score,
@@ -191,6 +191,7 @@ def main(argv=None):
     parser.add_argument("--morph-images", type=int, default=12)
     parser.add_argument("--out", default=str(ROOT / "benchmarks"))
     parser.add_argument("--ablation", choices=["full", "core"], default="full", help="core: KL/feature/RGB variants only")
+    parser.add_argument("--morph-only", action="store_true", help="re-measure only the morph section")
     parser.add_argument("--latency-only", action="store_true", help="re-measure only speed (on an otherwise idle machine)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -215,6 +216,13 @@ def main(argv=None):
         chosen = ablations(detector.scoring)
         if args.ablation == "core":
             chosen = dict(list(chosen.items())[:5])
+        if args.morph_only:
+            samples = list_test_samples(root)
+            masks = [load_mask(x.mask_path, read_image(x.path).size, detector.resolution) for x in samples]
+            labelled = ScoredSet([x.defect for x in samples], np.array([x.is_anomalous for x in samples]), None, None,
+                                 np.stack(masks), [x.path for x in samples])
+            results["categories"][category]["morph"] = morph_quality(detector, labelled, args.morph_images, args.threads)
+            continue
         print(f"[{category}] scoring the test split with {len(chosen)} variants")
         variants = score_test_set(detector, root, chosen)
         default = next(iter(variants.values()))

@@ -5,7 +5,6 @@ Only JSON and safetensors are ever read: nothing is unpickled, so a downloaded c
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from .scoring import ScoringConfig
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+HUB_REPO_PATTERN = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 CATEGORY_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # Key -> (type, required) of config.json's top level.
 CONFIG_SCHEMA = {
@@ -188,7 +188,7 @@ def load_checkpoint(
             available = ", ".join(list_local_categories(local)) or "none"
             raise CheckpointError(f"unknown category {category!r} in {local} (available: {available})")
         return load_folder(local / category, device)
-    if os.sep in str(path_or_repo_id).strip("/").replace("/", "", 1) or str(path_or_repo_id).startswith((".", "/")):
+    if not HUB_REPO_PATTERN.match(str(path_or_repo_id)):  # looks like a path, not "owner/name"
         raise CheckpointError(f"checkpoint folder {path_or_repo_id} does not exist")
     if category is None:
         raise CheckpointError(f"loading from the Hub repo {path_or_repo_id} needs a category")

@@ -8,7 +8,6 @@ import logging
 import sys
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 from .checkpoint import CheckpointError, load_checkpoint
@@ -172,12 +171,11 @@ def cmd_push(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .visualize import display_range, outline, overlay
+    from .visualize import anomaly_picture
 
     detector = load_checkpoint(args.checkpoint, args.category, args.revision, device=args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    vmin, vmax = display_range(detector.calibration.pixel_threshold)
     rows, failed = [], 0
     for path in _collect(args.inputs):
         try:
@@ -186,8 +184,7 @@ def cmd_predict(args) -> int:
             failed += 1
             print(f"skipped: {exc}", file=sys.stderr)
             continue
-        picture = overlay(to_uint8(prediction.image), prediction.anomaly_map, vmin, vmax)
-        picture = outline(picture, prediction.mask(), colour=(0, 255, 0))
+        picture = anomaly_picture(to_uint8(prediction.image), prediction.anomaly_map, prediction.pixel_threshold)
         overlay_path = out / f"{path.stem}_overlay.png"
         Image.fromarray(picture).save(overlay_path)
         rows.append([str(path), f"{prediction.score:.4f}", f"{prediction.percentile:.1f}", prediction.verdict, overlay_path.name])

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from PIL import Image
 from .data import DataError, to_uint8
 from .detector import AnomalyDetector
 from .train import CALIBRATED_TIMESTEPS
-from .visualize import display_range, heatmap, outline, overlay
+from .visualize import anomaly_picture, heatmap, outline, overlay
 
 VIEW_TIMESTEPS = CALIBRATED_TIMESTEPS
 MAP_CHOICES = {"Combined": "anomaly", "Pixel KL": "pixel", "Feature error": "feature", "RGB error": "rgb"}
@@ -99,14 +98,11 @@ def map_picture(analysis: Analysis, map_label: str, mask_threshold: float) -> np
         raise DataError(f"unknown map {map_label!r}; choose from {', '.join(MAP_CHOICES)}")
     amap = analysis.maps[key]
     if key == "anomaly":
-        vmin, vmax = display_range(analysis.pixel_threshold)
-    else:  # the other maps have their own units: show them between their median and 99.9th percentile
-        vmin, vmax = float(np.median(amap)), float(np.quantile(amap, 0.999))
-    picture = overlay(analysis.image, amap, vmin, vmax)
+        return anomaly_picture(analysis.image, amap, analysis.pixel_threshold, mask_threshold, analysis.known_mask)
+    # The other maps have their own units: show them between their median and 99.9th percentile.
+    picture = overlay(analysis.image, amap, float(np.median(amap)), float(np.quantile(amap, 0.999)))
     if analysis.known_mask is not None:
         picture = outline(picture, analysis.known_mask, colour=(255, 255, 255))
-    if key == "anomaly" and math.isfinite(mask_threshold):
-        picture = outline(picture, amap > mask_threshold, colour=(0, 255, 0), width=2)
     return picture
 
 

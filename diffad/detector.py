@@ -11,7 +11,7 @@ import torch
 from .backbone import DEFAULT_BACKBONE, FeatureExtractor
 from .data import read_image, to_tensor, to_uint8
 from .diffusion import GaussianDiffusion
-from .models import DiffADNet, NetConfig
+from .models import DiffADNet
 from .scoring import MAP_KINDS, CombinedMaps, ScoringConfig, StepMaps, combine, step_maps
 
 FORMAT_VERSION = 1
@@ -159,6 +159,22 @@ class AnomalyDetector:
         return step_maps(
             self.net, self.diffusion, x0, self.normalized_features(x0), self.validate_timesteps(timesteps), noise.to(self.device)
         )
+
+    @torch.no_grad()
+    def reconstruct(self, x0: torch.Tensor, t: int, steps: int, seed: int = 0) -> torch.Tensor:
+        """Noise a (3, R, R) image to t, then denoise it back with `steps` deterministic DDIM steps."""
+        from diffusers import DDIMScheduler
+
+        t = self.validate_timesteps([t])[0]
+        scheduler = DDIMScheduler.from_config(self.diffusion.scheduler.config, clip_sample=True)
+        scheduler.set_timesteps(max(1, steps * self.diffusion.num_timesteps // max(t, 1)))
+        timesteps = scheduler.timesteps[scheduler.timesteps <= t]
+        noise = torch.randn(x0[None].shape, generator=torch.Generator().manual_seed(int(seed)))
+        # Noise exactly to the first scheduled timestep so that the first step removes the right amount.
+        x = self.diffusion.q_sample(x0[None], int(timesteps[0]), noise).to(self.device)
+        for step_t in timesteps:
+            x = scheduler.step(self.net(x, step_t.view(1).to(self.device)).eps, step_t, x).prev_sample
+        return x[0].clamp(-1, 1).cpu()
 
     def combine(self, steps: list[StepMaps], scoring: ScoringConfig | None = None) -> CombinedMaps:
         scoring = scoring or self.scoring

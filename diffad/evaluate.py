@@ -15,7 +15,7 @@ from .data import DataError, load_mask, read_image, list_test_samples, to_tensor
 from .detector import AnomalyDetector
 from .metrics import evaluate_maps
 from .scoring import ScoringConfig
-from .visualize import display_range, outline, overlay
+from .visualize import anomaly_picture
 
 log = logging.getLogger(__name__)
 METRIC_NAMES = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max")
@@ -95,12 +95,9 @@ def markdown_table(metrics: dict, title: str = "") -> str:
 
 def save_overlays(detector: AnomalyDetector, scored: ScoredSet, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    vmin, vmax = display_range(detector.calibration.pixel_threshold)
     for path, defect, amap, mask in zip(scored.paths, scored.defects, scored.maps, scored.masks):
         image = to_uint8(to_tensor(read_image(path), detector.resolution))
-        picture = overlay(image, amap.astype(np.float32), vmin, vmax)
-        picture = outline(picture, mask, colour=(255, 255, 255))
-        picture = outline(picture, amap > detector.calibration.pixel_threshold, colour=(0, 255, 0))
+        picture = anomaly_picture(image, amap.astype(np.float32), detector.calibration.pixel_threshold, known_mask=mask)
         Image.fromarray(picture).save(folder / f"{defect}_{path.stem}.png")
 
 

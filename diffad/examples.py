@@ -12,8 +12,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
-from diffusers import DDIMScheduler
 from PIL import Image
 
 from .data import list_images, load_images, to_uint8, train_folder
@@ -21,21 +19,6 @@ from .detector import AnomalyDetector
 from .synth import add_defect
 
 DEFAULT_DEFECTS = ("scratch", "hole", "stain", "crack", "particle", "colour_spot")
-
-
-@torch.no_grad()
-def sample_normal(detector: AnomalyDetector, start: torch.Tensor, seed: int, t_start: int = 250, steps: int = 25) -> torch.Tensor:
-    """Draw a new normal-looking image: noise `start` (3, R, R) to t_start and denoise with the model."""
-    scheduler = DDIMScheduler.from_config(detector.diffusion.scheduler.config, clip_sample=True)
-    scheduler.set_timesteps(steps * detector.diffusion.num_timesteps // t_start)
-    generator = torch.Generator().manual_seed(seed)
-    noise = torch.randn(start[None].shape, generator=generator)
-    timesteps = scheduler.timesteps[scheduler.timesteps <= t_start]
-    x = detector.diffusion.q_sample(start[None], int(timesteps[0]), noise).to(detector.device)
-    for t in timesteps:
-        out = detector.net(x, t.view(1).to(detector.device))
-        x = scheduler.step(out.eps, t, x).prev_sample
-    return x[0].clamp(-1, 1).cpu()
 
 
 def make_examples(detector: AnomalyDetector, data, out, n_normal: int = 2, defects=DEFAULT_DEFECTS, seed: int = 0,
@@ -56,7 +39,7 @@ def make_examples(detector: AnomalyDetector, data, out, n_normal: int = 2, defec
             entry["mask"] = mask_name
         entries.append(entry)
 
-    bases = [to_uint8(sample_normal(detector, mean_image, seed=seed + i, t_start=t_start)) for i in range(n_normal + len(defects))]
+    bases = [to_uint8(detector.reconstruct(mean_image, t_start, steps=25, seed=seed + i)) for i in range(n_normal + len(defects))]
     for i in range(n_normal):
         save(f"normal_{i}.png", bases[i], "normal", source=f"diffusion sample, seed {seed + i}")
     for j, kind in enumerate(defects):

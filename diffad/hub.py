@@ -1,10 +1,10 @@
 """Publishing a category checkpoint to a Hugging Face Hub model repo (one subfolder per category)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_config
+from .detector import IMAGE_THRESHOLD_QUANTILE
 
 CARD_TEMPLATE = """---
 library_name: diffad
@@ -45,7 +45,7 @@ def model_card(folder: Path, repo_id: str, licence: str, data_note: str) -> str:
         licence=licence, category=config["category"], resolution=config["net"]["resolution"],
         timesteps=config["scoring"]["timesteps"], backbone=config["backbone"],
         training=f"{t.get('steps_done')} steps of batch {t.get('batch_size')} on {t.get('device')}",
-        threshold=config["calibration"]["image_threshold"], quantile=0.99, metrics=metrics, repo_id=repo_id,
+        threshold=config["calibration"]["image_threshold"], quantile=IMAGE_THRESHOLD_QUANTILE, metrics=metrics, repo_id=repo_id,
         data_note=data_note,
     )
 

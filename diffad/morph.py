@@ -164,22 +164,6 @@ def morph(detector: AnomalyDetector, image, config: MorphConfig | None = None) -
         yield current
 
 
-def reconstruct(detector: AnomalyDetector, image, t: int = 200, seed: int = 0) -> torch.Tensor:
-    """Plain diffusion reconstruction baseline: noise to t, then denoise back with DDIM-style x0 estimate steps."""
-    from diffusers import DDIMScheduler
-
-    x0 = detector.preprocess(image).to(detector.device)[None]
-    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(detector.device)
-    x = detector.diffusion.q_sample(x0, t, noise)
-    scheduler = DDIMScheduler.from_config(detector.diffusion.scheduler.config, clip_sample=True)
-    scheduler.set_timesteps(max(1, t // 20))
-    with torch.no_grad():
-        for step_t in scheduler.timesteps[scheduler.timesteps <= t]:
-            eps = detector.net(x, step_t.view(1).to(detector.device)).eps
-            x = scheduler.step(eps, step_t, x).prev_sample
-    return x[0].clamp(-1, 1).cpu()
-
-
 def export_gif(frames: list[np.ndarray], path, duration_ms: int = 120) -> Path:
     from PIL import Image
 

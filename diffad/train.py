@@ -70,6 +70,15 @@ def _apply(x: torch.Tensor, rot: int, flip: bool) -> torch.Tensor:
     return torch.flip(x, dims=(-1,)) if flip else x
 
 
+@torch.no_grad()
+def augmented_features(backbone, images: torch.Tensor, augmentations, device, batch_size: int = 16) -> torch.Tensor:
+    """fp16 backbone features of every image under every augmentation: (A, N, C, g, g), on the CPU."""
+    return torch.stack([
+        torch.cat([backbone(_apply(images[i : i + batch_size].to(device), r, f)).half().cpu() for i in range(0, len(images), batch_size)])
+        for r, f in augmentations
+    ])
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -103,13 +112,7 @@ def train(config: TrainConfig, progress: bool = True) -> Path:
     augmentations = _augmentations(config.augment)
 
     # Backbone features of every (image, augmentation) pair are computed once: the backbone is frozen.
-    with torch.no_grad():
-        cached = torch.stack(
-            [
-                torch.cat([backbone(_apply(train_images[i : i + 16].to(device), r, f)).half().cpu() for i in range(0, len(train_images), 16)])
-                for r, f in augmentations
-            ]
-        )  # (A, N, C, g, g)
+    cached = augmented_features(backbone, train_images, augmentations, device)
     gaussian = FeatureGaussian.fit(cached.flatten(0, 1), dims=config.gaussian_dims, seed=config.seed)
     feature_mean = cached.float().mean(dim=(0, 1, 3, 4))
     feature_std = cached.float().std(dim=(0, 1, 3, 4)).clamp_min(1e-4)
@@ -217,12 +220,8 @@ def recalibrate(checkpoint, data) -> AnomalyDetector:
     settings = detector.training
     images, _, _ = load_images(list_images(train_folder(data)), detector.resolution)
     train_idx, hold_idx = split_holdout(len(images), settings.get("holdout_fraction", 0.15), settings.get("seed", 0))
-    augmentations = _augmentations(settings.get("augment", "flip"))
-    with torch.no_grad():
-        features = torch.cat(
-            [detector.backbone(_apply(images[train_idx][i : i + 16], r, f)) for r, f in augmentations for i in range(0, len(train_idx), 16)]
-        )
-    gaussian = FeatureGaussian.fit(features, dims=settings.get("gaussian_dims", 64), seed=settings.get("seed", 0))
+    features = augmented_features(detector.backbone, images[train_idx], _augmentations(settings.get("augment", "flip")), detector.device)
+    gaussian = FeatureGaussian.fit(features.flatten(0, 1), dims=settings.get("gaussian_dims", 64), seed=settings.get("seed", 0))
     detector.calibrate(images[hold_idx], CALIBRATED_TIMESTEPS)
     save_checkpoint(detector, checkpoint, extra_tensors=gaussian.to_tensors())
     return detector

@@ -24,6 +24,18 @@ def overlay(image: np.ndarray, amap: np.ndarray, vmin: float, vmax: float, alpha
     return (image.astype(np.float32) * (1 - alpha) + colours * alpha).round().astype(np.uint8)
 
 
+def anomaly_picture(image: np.ndarray, amap: np.ndarray, pixel_threshold: float, mask_threshold: float | None = None,
+                    known_mask: np.ndarray | None = None) -> np.ndarray:
+    """A calibrated anomaly map over the image: known defect outlined in white, predicted mask in green."""
+    picture = overlay(image, amap, *display_range(pixel_threshold))
+    if known_mask is not None:
+        picture = outline(picture, known_mask, colour=(255, 255, 255))
+    threshold = pixel_threshold if mask_threshold is None else mask_threshold
+    if np.isfinite(threshold):
+        picture = outline(picture, amap > threshold, colour=(0, 255, 0), width=2)
+    return picture
+
+
 def outline(image: np.ndarray, mask: np.ndarray, colour=(255, 255, 255), width: int = 1) -> np.ndarray:
     """Draw the boundary of a boolean mask onto a copy of an (H, W, 3) uint8 image."""
     mask = np.asarray(mask, dtype=bool)

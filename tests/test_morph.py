@@ -1,5 +1,4 @@
 import imageio.v2 as imageio
-import numpy as np
 import pytest
 import torch
 from PIL import Image
