@@ -164,7 +164,11 @@ def markdown(results: dict) -> str:
         out += ["", f"### Speed ({lat['threads']} CPU threads, medians)", "",
                 f"- scoring one image (3 timesteps, KL + feature maps): **{lat['score_one_image_s']:.3f} s**",
                 f"- the app's analysis (12 timesteps kept for the slider): {lat['score_with_12_view_timesteps_s']:.3f} s"]
-        if r.get("morph"):
+        needed = [row for row in r.get("morph", {}).get("rows", []) if row["loops"] > 0]
+        if r.get("morph") and not needed:
+            out += ["", f"### Morph: all {r['morph']['images']} sampled defective test images already scored below the normal "
+                    "threshold (the model misses them), so the morph had nothing to do; no morph figures for this category."]
+        elif r.get("morph"):
             m = r["morph"]
             out += [f"- morph: first frame {m['median_first_frame_s']:.2f} s, complete {m['median_total_s']:.2f} s", "",
                     f"### Morph ({m['images']} defective test images, default settings; "
@@ -197,8 +201,8 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     results = {"date": time.strftime("%Y-%m-%d"), "machine": f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}", "categories": {}}
-    if (out / "results.json").exists():  # categories not re-run keep their earlier results
-        results["categories"] = json.loads((out / "results.json").read_text()).get("categories", {})
+    if (out / "results.json").exists():  # categories not re-run, and the app section, keep their earlier results
+        results = {**json.loads((out / "results.json").read_text()), **{k: results[k] for k in ("date", "machine")}}
     for category in args.categories:
         root, checkpoint = DATA[category], ROOT / "checkpoints" / category
         if not root.is_dir() or not (checkpoint / "config.json").exists():
