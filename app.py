@@ -6,6 +6,7 @@ category, DIFFAD_HUB_REVISION pins a revision) with the local checkpoints/ folde
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import tempfile
@@ -18,17 +19,20 @@ import torch
 from PIL import Image
 
 from diffad import CheckpointError, DataError
-from diffad.data import read_image
+from diffad.data import MAX_IMAGE_PIXELS, read_image
 from diffad.demo import MAP_CHOICES, VIEW_TIMESTEPS, analyse, colorbar, known_examples, map_picture, sha256_of, step_view, verdict_markdown
 from diffad.morph import MorphConfig, before_after, export_gif, export_mp4, morph
 from diffad.registry import CheckpointRegistry
 from diffad.visualize import anomaly_picture, display_range
 
+log = logging.getLogger("diffad.app")
 ROOT = Path(__file__).resolve().parent
 EXAMPLES = ROOT / "examples"
 DEFAULT_CATEGORY = "bottle"
 MORPH_DIR = Path(tempfile.gettempdir()) / "diffad-morphs"
 MAX_MORPH_LOOPS = 20
+# Gradio opens uploads with PIL before the app sees them: refuse decompression bombs there too.
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 
 try:  # on a ZeroGPU Space, heavy calls get a GPU; elsewhere this is a no-op
     import spaces
@@ -135,11 +139,11 @@ def make_app(registry: CheckpointRegistry) -> gr.Blocks:
 
     @gpu
     def run_morph(image_path, category, step_size, denoise_every, loops, seed):
+        config = MorphConfig(step_size=_finite(step_size, "step size"), denoise_every=int(_finite(denoise_every, "denoise every")),
+                             max_loops=int(min(_finite(loops, "loops"), MAX_MORPH_LOOPS)), seed=int(_finite(seed, "seed")))
         if not image_path:
             raise gr.Error("Upload a photo or pick an example first.", print_exception=False)
         detector, _ = load(category)
-        config = MorphConfig(step_size=_finite(step_size, "step size"), denoise_every=int(_finite(denoise_every, "denoise every")),
-                             max_loops=int(min(_finite(loops, "loops"), MAX_MORPH_LOOPS)), seed=int(_finite(seed, "seed")))
         frames = []
         try:
             for frame in morph(detector, image_path, config):
@@ -151,6 +155,9 @@ def make_app(registry: CheckpointRegistry) -> gr.Blocks:
                 yield frames[-1], heat, status, gr.update(), gr.update()
         except (DataError, ValueError) as exc:
             raise _error(exc) from exc
+        except GeneratorExit:  # Gradio closes the generator when the client leaves: no more frames are computed
+            log.info("morph stopped after %d frames: the client left", len(frames))
+            raise
         folder = _morph_folder()
         gif, mp4 = export_gif(frames, folder / "morph.gif"), export_mp4(frames, folder / "morph.mp4")
         pair = folder / "before_after.png"
@@ -163,7 +170,8 @@ def make_app(registry: CheckpointRegistry) -> gr.Blocks:
         with gr.Row():
             with gr.Column(scale=1):
                 category = gr.Dropdown(categories, value=default, label="Category", elem_id="category")
-                image_in = gr.Image(type="filepath", sources=["upload", "clipboard", "webcam"], label="Photo", elem_id="photo", height=300)
+                # image_mode=None hands the file over untouched: diffad.data.read_image does modes, alpha and EXIF itself.
+                image_in = gr.Image(type="filepath", image_mode=None, sources=["upload", "clipboard", "webcam"], label="Photo", elem_id="photo", height=300)
                 analyse_button = gr.Button("Analyse", variant="primary", elem_id="analyse")
                 if example_rows:
                     gr.Examples(example_rows, inputs=[image_in, category], label="Examples (white outline: known defect)", examples_per_page=12)
@@ -191,7 +199,7 @@ def make_app(registry: CheckpointRegistry) -> gr.Blocks:
                 step_size = gr.Slider(0.005, 0.1, value=0.02, step=0.005, label="Step size s")
                 denoise_every = gr.Slider(1, 20, value=5, step=1, label="Denoise every N_d steps")
                 loops = gr.Slider(1, MAX_MORPH_LOOPS, value=8, step=1, label="Max loops")
-                seed = gr.Number(0, precision=0, label="Seed")
+                seed = gr.Number(0, precision=0, minimum=0, maximum=2**32 - 1, label="Seed")
             morph_button = gr.Button("Morph", variant="primary", elem_id="morph")
             morph_status = gr.Markdown()
             with gr.Row():
@@ -250,6 +258,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request otherwise
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     demo = make_app(CheckpointRegistry(local_root=args.checkpoints, hub_repo=args.hub_repo, revision=args.revision))
     demo.queue(max_size=args.max_queue, default_concurrency_limit=args.concurrency)

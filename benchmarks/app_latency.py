@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.test_app import free_port, wait_for  # noqa: E402  (the same launch helpers the app tests use)
+from tests.app_server import running_app  # noqa: E402  (the same launch helper the app tests use)
 
 
 def main(argv=None):
@@ -32,14 +30,8 @@ def main(argv=None):
 
     manifest = json.loads((ROOT / "examples" / args.category / "manifest.json").read_text())
     images = [str(ROOT / "examples" / args.category / e["file"]) for e in manifest["images"]]
-    port = free_port()
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), GRADIO_ANALYTICS_ENABLED="False")
     start = time.perf_counter()
-    process = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port)], cwd=ROOT, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        wait_for(url, process, timeout=300)
+    with running_app(env={"OMP_NUM_THREADS": str(args.threads)}) as (url, _):
         cold_start = time.perf_counter() - start
         client = Client(url, verbose=False)
         client.predict(handle_file(images[0]), args.category, api_name="/analyse")  # loads the model
@@ -59,9 +51,6 @@ def main(argv=None):
             t0 = time.perf_counter()
             client.predict(handle_file(images[-1 - i]), args.category, 0.02, 5, 8, 0, api_name="/morph")
             morph.append(time.perf_counter() - t0)
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
     result = {
         "threads": args.threads, "category": args.category, "cold_start_to_first_page_s": round(cold_start, 2),
         "analysis_round_trip_s": round(statistics.median(analyse), 3),

@@ -185,7 +185,35 @@ def markdown(results: dict) -> str:
                 f"- analysis round trip ({a['category']}, 12 timesteps for the slider): {a['analysis_round_trip_s']:.2f} s",
                 f"- timestep slider round trip: {a['timestep_slider_round_trip_s'] * 1000:.0f} ms; threshold: {a['threshold_round_trip_s'] * 1000:.0f} ms",
                 f"- morph round trip (default settings, up to 8 loops): {a['morph_round_trip_s']:.1f} s", ""]
+    if results.get("reliability"):
+        out += reliability_markdown(results["reliability"])
     return "\n".join(out)
+
+
+def reliability_markdown(r: dict) -> list[str]:
+    load, overflow, disconnect = r["load"], r["overflow"], r["disconnect"]
+    memory = ", ".join(f"{n}: {m:.0f}" for n, m in load["rss_by_requests_mb"])
+    out = [f"## Reliability ({r['threads']} CPU threads, `benchmarks/load_test.py`, {r['category']})", "",
+           "### Bad input (cases in `tests/test_bad_input.py`, all in CI; every one gets a clear message or a documented conversion)", "",
+           "| family | cases |", "|---|---|"]
+    out += [f"| {family} | {n} |" for family, n in r["bad_input_cases"].items()]
+    out += ["", f"### Load: {load['clients']} concurrent gradio_client clients for {load['duration_s']:.0f} s", "",
+            f"- requests served: **{load['requests']}**, failed: **{load['failures']}** "
+            f"(plus {load['refused_bad_uploads']} corrupt uploads refused with a clear message, as they should be)",
+            f"- latency over all requests: p50 {load['p50_s']:.2f} s, p95 {load['p95_s']:.2f} s (queue wait included)", "",
+            "| endpoint | requests | p50 (s) | p95 (s) |", "|---|---|---|---|"]
+    out += [f"| {name} | {e['requests']} | {e['p50_s']:.2f} | {e['p95_s']:.2f} |" for name, e in load["per_endpoint"].items()]
+    out += ["", f"- app process memory (RSS, MB) before the load: {load['rss_before_mb']:.0f}; after N requests: {memory}",
+            f"- peak RSS: **{load['peak_rss_mb']:.0f} MB**; growth from request 200 to the end: {load['rss_growth_after_200_requests_mb']:.0f} MB",
+            f"- repeated analyses of the same image under concurrency: {load['images_with_differing_scores']} of "
+            f"{load['images_analysed']} images got differing scores",
+            "", f"### Bounded queue: {overflow['submitted']} analyses submitted at once (queue size {overflow['submitted'] - 8})", "",
+            f"- served: {overflow['served']}, refused at once with \"queue is full\": {overflow['refused_queue_full']} "
+            f"(slowest refusal {overflow['slowest_refusal_s']} s), other failures: {len(overflow['other_failures'])}",
+            "", "### Client leaving mid-morph (20 loops requested, client process killed after the first frames)", "",
+            f"- server CPU busy for {disconnect['server_busy_after_disconnect_s']} s after the disconnect, then idle; "
+            f"app log: \"{disconnect['server_log']}\"", ""]
+    return out
 
 
 def main(argv=None):

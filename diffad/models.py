@@ -1,6 +1,7 @@
 """Networks: the learned-variance denoiser with a feature-reconstruction head."""
 from __future__ import annotations
 
+import threading
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -68,7 +69,10 @@ class DiffADNet(nn.Module):
             norm_num_groups=config.norm_num_groups,
         )
         # The second-to-last decoder block ends at the UNet's full internal resolution; its output feeds the head.
-        self._tap = self.unet.up_blocks[-2]
+        # One permanent hook files that output under the calling thread, so concurrent forwards (app users) never
+        # see each other's activations or mutate the hook table while another forward iterates it.
+        self._tapped: dict[int, torch.Tensor] = {}
+        self.unet.up_blocks[-2].register_forward_hook(self._capture)
         tap_channels = config.block_out_channels[1] if levels > 1 else config.block_out_channels[0]
         self.feature_head = nn.Sequential(
             nn.Conv2d(tap_channels, config.head_channels, 3, padding=1),
@@ -77,17 +81,18 @@ class DiffADNet(nn.Module):
             nn.Conv2d(config.head_channels, config.feature_channels, 1),
         )
 
+    def _capture(self, _module, _inputs, output):
+        self._tapped[threading.get_ident()] = output
+
     def forward(self, xt: torch.Tensor, t: torch.Tensor) -> NetOutput:
         p = self.config.patch
-        captured = {}
-        handle = self._tap.register_forward_hook(lambda _m, _i, out: captured.__setitem__("h", out))
         try:
             out = self.unet(F.pixel_unshuffle(xt, p), t).sample
+            hidden = self._tapped[threading.get_ident()]
         finally:
-            handle.remove()
+            self._tapped.pop(threading.get_ident(), None)
         eps, v = out.chunk(2, dim=1)
         grid = self.config.resolution // self.config.feature_stride
-        hidden = captured["h"]
         if hidden.shape[-1] != grid:
             hidden = F.adaptive_avg_pool2d(hidden, grid)
         return NetOutput(F.pixel_shuffle(eps, p), F.pixel_shuffle(v, p), self.feature_head(hidden))

@@ -87,6 +87,8 @@ class MorphConfig:
             raise ValueError(f"denoise_every must be between 1 and 100, got {self.denoise_every}")
         if not 0 <= int(self.max_loops) <= 200:
             raise ValueError(f"max_loops must be between 0 and 200, got {self.max_loops}")
+        if not 0 <= int(self.seed) < 2**32:
+            raise ValueError(f"seed must be in [0, 2^32), got {self.seed}")
         if self.timestep is not None and not 0 <= int(self.timestep) < num_timesteps:
             raise ValueError(f"timestep must be in [0, {num_timesteps - 1}], got {self.timestep}")
 

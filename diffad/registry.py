@@ -12,18 +12,23 @@ from .checkpoint import CheckpointError, list_local_categories, load_checkpoint,
 from .detector import AnomalyDetector
 
 log = logging.getLogger(__name__)
+# Listing the Hub repo at start-up must not hang the app on a network that drops packets.
+HUB_TIMEOUT_S = 15.0
 
 
 class CheckpointRegistry:
     """Lists categories and keeps at most `max_loaded` detectors in memory (least recently used goes first)."""
 
     def __init__(self, local_root="checkpoints", hub_repo: str | None = None, revision: str | None = None,
-                 max_loaded: int = 3, cache_dir=None):
+                 max_loaded: int = 3, cache_dir=None, hub_timeout: float = HUB_TIMEOUT_S):
         self.local_root = Path(local_root)
         self.hub_repo = hub_repo or None
         self.revision = revision or None
         self.cache_dir = cache_dir
         self.max_loaded = max(1, max_loaded)
+        self.hub_timeout = hub_timeout
+        # Set once the Hub could not be listed: loads then read its local cache only instead of waiting on the network.
+        self.hub_offline = False
         self._loaded: OrderedDict[str, tuple[AnomalyDetector, str]] = OrderedDict()
         self._lock = threading.Lock()
         self._hub_categories: list[str] | None = None
@@ -40,13 +45,12 @@ class CheckpointRegistry:
             self.hub_note = "No Hub repo configured: using the local checkpoints/ folder."
             return []
         try:
-            from huggingface_hub import HfApi
-
-            entries = HfApi().list_repo_tree(self.hub_repo, revision=self.revision)
+            entries = self._list_hub_repo()
             self._hub_categories = sorted(e.path for e in entries if "/" not in e.path and "." not in e.path)
             self.hub_note = f"Checkpoints from the Hub repo {self.hub_repo}."
         except Exception as exc:  # any network or Hub failure means: work offline
-            log.warning("Hub repo %s unreachable: %s", self.hub_repo, exc)
+            log.warning("Hub repo %s unreachable: %r", self.hub_repo, exc)
+            self.hub_offline = True
             self._hub_categories = self._cached_hub_categories()
             if self._hub_categories:
                 self.hub_note = (f"The Hub repo {self.hub_repo} could not be reached (offline?): using its local cache "
@@ -54,6 +58,27 @@ class CheckpointRegistry:
             else:
                 self.hub_note = f"The Hub repo {self.hub_repo} could not be reached (offline?): using local checkpoints/ instead."
         return self._hub_categories
+
+    def _list_hub_repo(self) -> list:
+        """The repo's top-level entries, or TimeoutError after hub_timeout seconds (a daemon thread is left behind)."""
+        from huggingface_hub import HfApi
+
+        result: dict = {}
+
+        def listing():
+            try:
+                result["entries"] = list(HfApi().list_repo_tree(self.hub_repo, revision=self.revision))
+            except Exception as exc:  # re-raised in the caller's thread
+                result["error"] = exc
+
+        thread = threading.Thread(target=listing, daemon=True, name="hub-listing")
+        thread.start()
+        thread.join(self.hub_timeout)
+        if thread.is_alive():
+            raise TimeoutError(f"no answer from the Hub within {self.hub_timeout:g} s")
+        if "error" in result:
+            raise result["error"]
+        return result["entries"]
 
     def _cached_hub_categories(self) -> list[str]:
         """Categories of the Hub repo that huggingface_hub's cache already holds (for offline use)."""
@@ -85,7 +110,8 @@ class CheckpointRegistry:
         hub_error = None
         if self.hub_repo:
             try:
-                detector = load_checkpoint(self.hub_repo, category=category, revision=self.revision, cache_dir=self.cache_dir, device=self.device)
+                detector = load_checkpoint(self.hub_repo, category=category, revision=self.revision, cache_dir=self.cache_dir,
+                                           device=self.device, local_files_only=self.hub_offline)
                 return detector, f"Hub: {self.hub_repo}/{category}" + (f" @ {self.revision}" if self.revision else "")
             except CheckpointError as exc:
                 hub_error = str(exc)

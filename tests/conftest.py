@@ -1,3 +1,4 @@
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -56,3 +57,35 @@ def bottle_detector():
     if not (path / "config.json").exists():
         pytest.fail(f"the shipped bottle checkpoint is missing from {path}")
     return load_checkpoint(path)
+
+
+def make_hub_cache(cache, repo_id, category, source, commit="0123456789abcdef0123456789abcdef01234567"):
+    """The layout huggingface_hub writes: models--user--repo/{refs/main, snapshots/<commit>/<category>/...}."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    target = repo / "snapshots" / commit / category
+    target.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(source / name, target / name)
+    return commit
+
+
+@pytest.fixture(scope="session")
+def app_server(tiny_checkpoint, tmp_path_factory):
+    """The app on the shipped checkpoints, plus a Hub repo that is offline but cached locally (category "part")."""
+    from tests.app_server import running_app
+
+    hub_cache = tmp_path_factory.mktemp("hub_cache")
+    make_hub_cache(hub_cache, "someone/diffad-checkpoints", "part", tiny_checkpoint)
+    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub_cache)}
+    log_path = tmp_path_factory.mktemp("app_log") / "app.log"
+    with running_app("--hub-repo", "someone/diffad-checkpoints", env=env, log_path=log_path) as (url, _):
+        yield url
+
+
+@pytest.fixture(scope="session")
+def client(app_server):
+    from gradio_client import Client
+
+    return Client(app_server, verbose=False)

@@ -8,6 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from diffad import CheckpointError, load_checkpoint
 from diffad.checkpoint import list_local_categories
+from tests.conftest import make_hub_cache
 
 
 def predict(detector, dataset):
@@ -89,18 +90,6 @@ def test_truncated_tampered_and_missing_weights(tiny_checkpoint, tmp_path):
         load_checkpoint(folder)
 
 
-def make_hub_cache(cache, repo_id, category, source, commit="0123456789abcdef0123456789abcdef01234567"):
-    """The layout huggingface_hub writes: models--user--repo/{refs/main, snapshots/<commit>/<category>/...}."""
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    target = repo / "snapshots" / commit / category
-    target.mkdir(parents=True)
-    for name in ("config.json", "model.safetensors"):
-        shutil.copy(source / name, target / name)
-    return commit
-
-
 def test_hub_cache_loads_offline(tiny_checkpoint, tmp_path, monkeypatch):
     import huggingface_hub.constants
 
@@ -128,3 +117,34 @@ def test_maps_are_identical_across_processes(tiny_checkpoint, tiny_dataset):
     outputs = {subprocess.run([sys.executable, "-c", code, str(tiny_checkpoint), str(image)], capture_output=True,
                               text=True, check=True, timeout=120).stdout for _ in range(2)}
     assert len(outputs) == 1 and len(outputs.pop().split()) == 2
+
+
+def test_hanging_hub_falls_back_to_cache_and_local_checkpoints(tiny_checkpoint, tmp_path, monkeypatch):
+    import socket
+    import time
+
+    import huggingface_hub.constants
+
+    from diffad.registry import CheckpointRegistry
+
+    # A "Hub" that accepts connections and never answers, like a network that drops packets.
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+    try:
+        cache, local = tmp_path / "cache", tmp_path / "local"
+        make_hub_cache(cache, "someone/diffad-checkpoints", "part", tiny_checkpoint)
+        shutil.copytree(tiny_checkpoint, local / "local_part")
+        registry = CheckpointRegistry(local, hub_repo="someone/diffad-checkpoints", cache_dir=cache, hub_timeout=1.0)
+        start = time.monotonic()
+        assert registry.categories() == ["local_part", "part"]
+        detector, origin = registry.get("part")  # from the cache, without waiting on the network again
+        assert time.monotonic() - start < 8
+        assert registry.hub_offline and "could not be reached" in registry.hub_note
+        assert origin == "Hub: someone/diffad-checkpoints/part" and detector.category == "part"
+        assert registry.get("local_part")[1].startswith("local:")
+        with pytest.raises(CheckpointError, match="unknown category 'nope'.*available: local_part, part"):
+            registry.get("nope")
+    finally:
+        server.close()
