@@ -6,6 +6,8 @@ category, DIFFAD_HUB_REVISION pins a revision) with the local checkpoints/ folde
 from __future__ import annotations
 
 import argparse
+import hashlib
+import io
 import logging
 import os
 import shutil
@@ -29,10 +31,25 @@ log = logging.getLogger("diffad.app")
 ROOT = Path(__file__).resolve().parent
 EXAMPLES = ROOT / "examples"
 DEFAULT_CATEGORY = "bottle"
-MORPH_DIR = Path(tempfile.gettempdir()) / "diffad-morphs"
+OUTPUT_DIR = Path(tempfile.gettempdir()) / "diffad-app"
+# Served files are dropped after this long (Gradio keeps its own copies for its delete_cache period).
+OUTPUT_MAX_AGE_S = 3600
 MAX_MORPH_LOOPS = 20
 # Gradio opens uploads with PIL before the app sees them: refuse decompression bombs there too.
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+
+try:  # glibc keeps freed model buffers in per-thread arenas; give them back after each model call
+    import ctypes
+
+    _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+except (OSError, AttributeError):  # not glibc (macOS, Windows, musl)
+    _malloc_trim = None
+
+
+def release_memory() -> None:
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
 
 try:  # on a ZeroGPU Space, heavy calls get a GPU; elsewhere this is a no-op
     import spaces
@@ -98,6 +115,8 @@ def make_app(registry: CheckpointRegistry) -> gr.Blocks:
             analysis = analyse(detector, image_path, known_mask=known_mask)
         except (DataError, ValueError) as exc:
             raise _error(exc) from exc
+        release_memory()
+        prune_outputs()
         progress(0.9, desc="rendering")
         label = next(iter(MAP_CHOICES))
         vmin, vmax = display_range(analysis.pixel_threshold)
@@ -113,12 +132,12 @@ def make_app(registry: CheckpointRegistry) -> gr.Blocks:
             analysis,
             verdict_markdown(analysis, analysis.image_threshold, analysis.pixel_threshold),
             summary,
-            map_picture(analysis, label, analysis.pixel_threshold),
-            colorbar(vmin, vmax, "anomaly (z units over normal pixels)"),
+            picture_file(map_picture(analysis, label, analysis.pixel_threshold)),
+            picture_file(colorbar(vmin, vmax, "anomaly (z units over normal pixels)")),
             gr.update(value=label),
             gr.update(minimum=0.0, maximum=round(top, 2), value=round(analysis.pixel_threshold, 2)),
             gr.update(minimum=0.0, maximum=round(top_score, 2), value=round(analysis.image_threshold, 2)),
-            *step_view(analysis, 0),
+            *step_files(analysis, 0),
             gr.update(value=0),
         )
 
@@ -127,7 +146,7 @@ def make_app(registry: CheckpointRegistry) -> gr.Blocks:
             raise gr.Error("Analyse an image first.", print_exception=False)
         mask_threshold, image_threshold = _finite(mask_threshold, "mask threshold"), _finite(image_threshold, "verdict threshold")
         try:
-            picture = map_picture(analysis, map_label, mask_threshold)
+            picture = picture_file(map_picture(analysis, map_label, mask_threshold))
         except DataError as exc:
             raise _error(exc) from exc
         return picture, verdict_markdown(analysis, image_threshold, mask_threshold)
@@ -135,7 +154,7 @@ def make_app(registry: CheckpointRegistry) -> gr.Blocks:
     def scrub(analysis, index):
         if analysis is None:
             raise gr.Error("Analyse an image first.", print_exception=False)
-        return step_view(analysis, _finite(index, "timestep index"))
+        return step_files(analysis, _finite(index, "timestep index"))
 
     @gpu
     def run_morph(image_path, category, step_size, denoise_every, loops, seed):
@@ -152,17 +171,21 @@ def make_app(registry: CheckpointRegistry) -> gr.Blocks:
                           f"(threshold {detector.calibration.image_threshold:.2f}), energy {frame.energy:,.0f}"
                           + (" — normal ✅" if frame.is_normal else ""))
                 heat = anomaly_picture(frames[-1], frame.anomaly_map, detector.calibration.pixel_threshold)
-                yield frames[-1], heat, status, gr.update(), gr.update()
+                yield picture_file(frames[-1]), picture_file(heat), status, gr.update(), gr.update()
         except (DataError, ValueError) as exc:
             raise _error(exc) from exc
         except GeneratorExit:  # Gradio closes the generator when the client leaves: no more frames are computed
             log.info("morph stopped after %d frames: the client left", len(frames))
             raise
-        folder = _morph_folder()
+        finally:
+            release_memory()
+        folder = Path(tempfile.mkdtemp(dir=_output_folder("morphs")))
         gif, mp4 = export_gif(frames, folder / "morph.gif"), export_mp4(frames, folder / "morph.mp4")
         pair = folder / "before_after.png"
         Image.fromarray(before_after(frames[0], frames[-1])).save(pair)
-        yield frames[-1], heat, status + f" — done after {len(frames) - 1} loops.", (frames[0], frames[-1]), [str(gif), str(mp4), str(pair)]
+        last = picture_file(frames[-1])
+        yield (last, picture_file(heat), status + f" — done after {len(frames) - 1} loops.", (picture_file(frames[0]), last),
+               [str(gif), str(mp4), str(pair)])
 
     with gr.Blocks(title="diffad — defects as noise", delete_cache=(1800, 3600)) as demo:
         analysis_state = gr.State(None)
@@ -171,7 +194,8 @@ def make_app(registry: CheckpointRegistry) -> gr.Blocks:
             with gr.Column(scale=1):
                 category = gr.Dropdown(categories, value=default, label="Category", elem_id="category")
                 # image_mode=None hands the file over untouched: diffad.data.read_image does modes, alpha and EXIF itself.
-                image_in = gr.Image(type="filepath", image_mode=None, sources=["upload", "clipboard", "webcam"], label="Photo", elem_id="photo", height=300)
+                image_in = gr.Image(type="filepath", image_mode=None, sources=["upload", "clipboard", "webcam"], label="Photo",
+                                    elem_id="photo", height=300)
                 analyse_button = gr.Button("Analyse", variant="primary", elem_id="analyse")
                 if example_rows:
                     gr.Examples(example_rows, inputs=[image_in, category], label="Examples (white outline: known defect)", examples_per_page=12)
@@ -236,12 +260,45 @@ def _finite(value, name: str) -> float:
     return number
 
 
-def _morph_folder() -> Path:
-    MORPH_DIR.mkdir(parents=True, exist_ok=True)
-    for old in MORPH_DIR.iterdir():  # exports are served once; drop those older than an hour
-        if old.is_dir() and time.time() - old.stat().st_mtime > 3600:
-            shutil.rmtree(old, ignore_errors=True)
-    return Path(tempfile.mkdtemp(dir=MORPH_DIR))
+def _output_folder(name: str) -> Path:
+    folder = OUTPUT_DIR / name
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def prune_outputs() -> None:
+    """Delete served files and morph exports older than OUTPUT_MAX_AGE_S."""
+    for path in OUTPUT_DIR.glob("*/*"):
+        try:
+            if time.time() - path.stat().st_mtime > OUTPUT_MAX_AGE_S:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        except OSError:  # another worker removed it first
+            pass
+
+
+def picture_file(picture: np.ndarray) -> str:
+    """A PNG file with this picture, named by its content and written atomically.
+
+    Gradio rewrites its cached copy of an array output in place, so two users getting the same picture (the same
+    example, colour bar or timestep) could be served a half-written file; a file output is copied atomically instead.
+    """
+    buffer = io.BytesIO()
+    Image.fromarray(picture).save(buffer, format="PNG", compress_level=1)
+    data = buffer.getvalue()
+    path = _output_folder("pictures") / f"{hashlib.sha256(data).hexdigest()[:32]}.png"
+    try:
+        os.utime(path)  # reused: keep it from being pruned
+    except FileNotFoundError:
+        fd, staging = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(staging, path)
+    return str(path)
+
+
+def step_files(analysis, index) -> tuple:
+    *pictures, text = step_view(analysis, index)
+    return (*map(picture_file, pictures), text)
 
 
 def parse_args(argv=None):

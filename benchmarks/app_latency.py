@@ -59,13 +59,9 @@ def main(argv=None):
         "morph_round_trip_s": round(statistics.median(morph), 2),
     }
     print(result)
-    results_path = ROOT / "benchmarks" / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.exists() else {"categories": {}}
-    results["app"] = result
-    results_path.write_text(json.dumps(results, indent=2) + "\n")
-    from benchmarks.run import markdown
+    from benchmarks.run import save_section
 
-    (ROOT / "benchmarks" / "results.md").write_text(markdown(results))
+    save_section("app", result)
 
 
 if __name__ == "__main__":

@@ -169,7 +169,7 @@ def overflow_phase(url, category, image, max_queue, extra=8) -> dict:
     for thread in threads:
         thread.join()
     refused = [s for kind, s in outcomes if kind == "refused"]
-    return {"submitted": len(outcomes), "served": sum(k == "served" for k, _ in outcomes), "refused_queue_full": len(refused),
+    return {"queue_size": max_queue, "submitted": len(outcomes), "served": sum(k == "served" for k, _ in outcomes), "refused_queue_full": len(refused),
             "other_failures": [k for k, _ in outcomes if k.startswith("failed")][:3],
             "slowest_refusal_s": round(max(refused), 2) if refused else None}
 
@@ -241,13 +241,9 @@ def main(argv=None):
                             "API parameters and forged requests": len(bad.API_CASES) + len(bad.RAW_CASES),
                             "bad uploads through the app": len(bad.BAD_UPLOADS)},
     }
-    results_path = ROOT / "benchmarks" / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.exists() else {"categories": {}}
-    results["reliability"] = result
-    results_path.write_text(json.dumps(results, indent=2) + "\n")
-    from benchmarks.run import markdown
+    from benchmarks.run import save_section
 
-    (ROOT / "benchmarks" / "results.md").write_text(markdown(results))
+    save_section("reliability", result)
 
 
 if __name__ == "__main__":

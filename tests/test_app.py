@@ -74,3 +74,38 @@ def test_real_browser_upload_and_result(app_server, tmp_path):
         finally:
             browser.close()
     assert (tmp_path / "app.png").stat().st_size > 10_000
+
+
+def test_pictures_shared_by_concurrent_users_are_never_half_written():
+    import threading
+
+    import numpy as np
+    from PIL import Image
+
+    import app
+
+    picture = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    path = app.picture_file(picture)
+    errors, stop = [], threading.Event()
+
+    def writer():
+        for _ in range(40):
+            assert app.picture_file(picture) == path
+
+    def reader():
+        while not stop.is_set():
+            try:
+                assert np.array_equal(np.asarray(Image.open(path)), picture)
+            except Exception as exc:  # collected: a reader must never see a partial file
+                errors.append(exc)
+
+    readers = [threading.Thread(target=reader) for _ in range(2)]
+    writers = [threading.Thread(target=writer) for _ in range(4)]
+    for thread in readers + writers:
+        thread.start()
+    for thread in writers:
+        thread.join()
+    stop.set()
+    for thread in readers:
+        thread.join()
+    assert not errors
