@@ -148,3 +148,41 @@ def test_hanging_hub_falls_back_to_cache_and_local_checkpoints(tiny_checkpoint, 
             registry.get("nope")
     finally:
         server.close()
+
+
+def test_missing_hub_repo_or_category_is_named(tmp_path):
+    import http.server
+    import os
+    import subprocess
+    import sys
+    import threading
+
+    class FakeHub(http.server.BaseHTTPRequestHandler):
+        """Answers like the Hub does: an unknown repo is 401 RepoNotFound, an unknown file 404 EntryNotFound."""
+
+        def do_HEAD(self):
+            code, error = (401, "RepoNotFound") if "missing-repo" in self.path else (404, "EntryNotFound")
+            self.send_response(code)
+            self.send_header("X-Error-Code", error)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_HEAD
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    # huggingface_hub builds its URLs from HF_ENDPOINT at import, hence a fresh process.
+    code = ("import sys, diffad\ntry:\n    diffad.load_checkpoint(sys.argv[1], category=sys.argv[2], cache_dir=sys.argv[3])\n"
+            "except diffad.CheckpointError as exc:\n    print(exc)")
+    env = dict(os.environ, HF_ENDPOINT=f"http://127.0.0.1:{server.server_port}", HF_HUB_OFFLINE="0")
+    try:
+        messages = [subprocess.run([sys.executable, "-c", code, repo, category, str(tmp_path)], env=env, capture_output=True,
+                                   text=True, timeout=120).stdout.strip()
+                    for repo, category in (("someone/diffad-checkpoints", "nope"), ("someone/missing-repo", "part"))]
+    finally:
+        server.shutdown()
+    assert messages == ["category 'nope' is not in the Hub repo someone/diffad-checkpoints",
+                        "Hub repo someone/missing-repo not found (or private)"]
