@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     morph.add_argument("--denoise-every", type=int, default=5)
     morph.add_argument("--loops", type=int, default=8)
     morph.add_argument("--seed", type=int, default=0)
+    morph.add_argument("--focus", type=float, default=0.0,
+                       help="0: the paper's morph; 1: change pixels in proportion to their anomaly (keeps normal detail)")
 
     examples = sub.add_parser("examples", help="make example images: diffusion samples plus synthetic defects")
     _add_checkpoint_args(examples)
@@ -137,7 +139,8 @@ def cmd_morph(args) -> int:
     from .morph import MorphConfig, before_after, export_gif, export_mp4, morph
 
     detector = load_checkpoint(args.checkpoint, args.category, args.revision, device=args.device)
-    config = MorphConfig(step_size=args.step_size, denoise_every=args.denoise_every, max_loops=args.loops, seed=args.seed)
+    config = MorphConfig(step_size=args.step_size, denoise_every=args.denoise_every, max_loops=args.loops, seed=args.seed,
+                         focus=args.focus)
     frames = []
     for frame in morph(detector, args.image, config):
         frames.append(frame)

@@ -4,7 +4,8 @@ import torch
 from PIL import Image
 
 from diffad import load_checkpoint
-from diffad.morph import MorphConfig, before_after, energy_gradient, export_gif, export_mp4, feature_gaussian, morph
+from diffad.morph import (MorphConfig, before_after, energy_gradient, export_gif, export_mp4, feature_gaussian, focus_weight,
+                          morph)
 from tests.conftest import BOTTLE, needs_bottle
 
 
@@ -68,11 +69,22 @@ def test_frames_are_deterministic_and_exportable(detector, defective, tmp_path):
         (MorphConfig(max_loops=-5), "max_loops"),
         (MorphConfig(max_loops=10**9), "max_loops"),
         (MorphConfig(timestep=5000), "timestep"),
+        (MorphConfig(focus=-1.0), "focus"),
+        (MorphConfig(focus=float("nan")), "focus"),
     ],
 )
 def test_bad_parameters_are_rejected(detector, defective, config, message):
     with pytest.raises(ValueError, match=message):
         next(morph(detector, defective, config))
+
+
+def test_focus_leaves_pixels_the_model_finds_normal_untouched(detector, tiny_dataset):
+    image = sorted((tiny_dataset / "test" / "good").iterdir())[0]  # the tiny model flags every pixel of its defects
+    first, second = list(morph(detector, image, MorphConfig(max_loops=1, focus=1.0, stop_below_threshold=False)))
+    untouched = focus_weight(detector, first.anomaly_map, 1.0)[0] == 0
+    change = (second.image - first.image).abs().sum(dim=0)
+    assert untouched.any() and (~untouched).any()
+    assert change[untouched].max() == 0 and change[~untouched].max() > 0
 
 
 @needs_bottle
