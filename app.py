@@ -157,9 +157,10 @@ def make_app(registry: CheckpointRegistry) -> gr.Blocks:
         return step_files(analysis, _finite(index, "timestep index"))
 
     @gpu
-    def run_morph(image_path, category, step_size, denoise_every, loops, seed):
+    def run_morph(image_path, category, step_size, denoise_every, loops, seed, keep_normal=True):
         config = MorphConfig(step_size=_finite(step_size, "step size"), denoise_every=int(_finite(denoise_every, "denoise every")),
-                             max_loops=int(min(_finite(loops, "loops"), MAX_MORPH_LOOPS)), seed=int(_finite(seed, "seed")))
+                             max_loops=int(min(_finite(loops, "loops"), MAX_MORPH_LOOPS)), seed=int(_finite(seed, "seed")),
+                             focus=1.0 if keep_normal else 0.0)
         if not image_path:
             raise gr.Error("Upload a photo or pick an example first.", print_exception=False)
         detector, _ = load(category)
@@ -224,6 +225,7 @@ def make_app(registry: CheckpointRegistry) -> gr.Blocks:
                 denoise_every = gr.Slider(1, 20, value=5, step=1, label="Denoise every N_d steps")
                 loops = gr.Slider(1, MAX_MORPH_LOOPS, value=8, step=1, label="Max loops")
                 seed = gr.Number(0, precision=0, minimum=0, maximum=2**32 - 1, label="Seed")
+                keep_normal = gr.Checkbox(True, label="Only change what looks anomalous (off: the paper's morph)")
             morph_button = gr.Button("Morph", variant="primary", elem_id="morph")
             morph_status = gr.Markdown()
             with gr.Row():
@@ -244,7 +246,7 @@ def make_app(registry: CheckpointRegistry) -> gr.Blocks:
             trigger(redraw, redraw_inputs, [result, verdict], api_visibility="private", concurrency_limit=None, show_progress="hidden")
         t_slider.change(scrub, [analysis_state, t_slider], [xt_img, x0_img, kl_img, feat_img, step_text], api_name="timestep",
                         concurrency_limit=None, show_progress="hidden")
-        morph_button.click(run_morph, [image_in, category, step_size, denoise_every, loops, seed],
+        morph_button.click(run_morph, [image_in, category, step_size, denoise_every, loops, seed, keep_normal],
                            [frame_img, frame_map, morph_status, compare, downloads], api_name="morph", concurrency_id="model")
         category.change(lambda: None, None, analysis_state, api_visibility="private")
     return demo

@@ -216,8 +216,8 @@ RAW_CASES = [
     ("threshold", '["Combined", NaN, 1.0]', "finite number"),
     ("threshold", '["Combined", 1.0, Infinity]', "greater than maximum"),
     ("threshold", '["Combined", 1.0, -Infinity]', "less than minimum"),
-    ("morph", '[null, "part", NaN, 5, 2, 0]', "finite number"),
-    ("morph", '[null, "part", 0.02, 5, 2, NaN]', "cannot convert float NaN to integer"),
+    ("morph", '[null, "part", NaN, 5, 2, 0, true]', "finite number"),
+    ("morph", '[null, "part", 0.02, 5, 2, NaN, true]', "cannot convert float NaN to integer"),
     ("analyse", '[null, "part"]', "Upload a photo"),
     ("analyse", '[{"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}, "part"]', "Cannot move|not allowed|File not found"),
 ]
