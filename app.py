@@ -32,8 +32,11 @@ ROOT = Path(__file__).resolve().parent
 EXAMPLES = ROOT / "examples"
 DEFAULT_CATEGORY = "bottle"
 OUTPUT_DIR = Path(tempfile.gettempdir()) / "diffad-app"
-# Served files are dropped after this long (Gradio keeps its own copies for its delete_cache period).
+# Served files are dropped after this long (Gradio keeps its own copies for its delete_cache period), checked at
+# most every PRUNE_EVERY_S so that analyses do not scan the folder each time.
 OUTPUT_MAX_AGE_S = 3600
+PRUNE_EVERY_S = 600
+_last_prune = 0.0
 MAX_MORPH_LOOPS = 20
 # Gradio opens uploads with PIL before the app sees them: refuse decompression bombs there too.
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
@@ -157,7 +160,7 @@ def make_app(registry: CheckpointRegistry) -> gr.Blocks:
         return step_files(analysis, _finite(index, "timestep index"))
 
     @gpu
-    def run_morph(image_path, category, step_size, denoise_every, loops, seed, keep_normal=True):
+    def run_morph(image_path, category, step_size, denoise_every, loops, seed, keep_normal):
         config = MorphConfig(step_size=_finite(step_size, "step size"), denoise_every=int(_finite(denoise_every, "denoise every")),
                              max_loops=int(min(_finite(loops, "loops"), MAX_MORPH_LOOPS)), seed=int(_finite(seed, "seed")),
                              focus=1.0 if keep_normal else 0.0)
@@ -171,8 +174,9 @@ def make_app(registry: CheckpointRegistry) -> gr.Blocks:
                 status = (f"Step {frame.step} (loop {frame.loop}): score **{frame.score:.2f}** "
                           f"(threshold {detector.calibration.image_threshold:.2f}), energy {frame.energy:,.0f}"
                           + (" — normal ✅" if frame.is_normal else ""))
-                heat = anomaly_picture(frames[-1], frame.anomaly_map, detector.calibration.pixel_threshold)
-                yield picture_file(frames[-1]), picture_file(heat), status, gr.update(), gr.update()
+                shown = picture_file(frames[-1]), picture_file(anomaly_picture(frames[-1], frame.anomaly_map,
+                                                                                detector.calibration.pixel_threshold))
+                yield *shown, status, gr.update(), gr.update()
         except (DataError, ValueError) as exc:
             raise _error(exc) from exc
         except GeneratorExit:  # Gradio closes the generator when the client leaves: no more frames are computed
@@ -184,8 +188,7 @@ def make_app(registry: CheckpointRegistry) -> gr.Blocks:
         gif, mp4 = export_gif(frames, folder / "morph.gif"), export_mp4(frames, folder / "morph.mp4")
         pair = folder / "before_after.png"
         Image.fromarray(before_after(frames[0], frames[-1])).save(pair)
-        last = picture_file(frames[-1])
-        yield (last, picture_file(heat), status + f" — done after {len(frames) - 1} loops.", (picture_file(frames[0]), last),
+        yield (*shown, status + f" — done after {len(frames) - 1} loops.", (picture_file(frames[0]), shown[0]),
                [str(gif), str(mp4), str(pair)])
 
     with gr.Blocks(title="diffad — defects as noise", delete_cache=(1800, 3600)) as demo:
@@ -269,7 +272,11 @@ def _output_folder(name: str) -> Path:
 
 
 def prune_outputs() -> None:
-    """Delete served files and morph exports older than OUTPUT_MAX_AGE_S."""
+    """Delete served files and morph exports older than OUTPUT_MAX_AGE_S (at most once every PRUNE_EVERY_S)."""
+    global _last_prune
+    if time.time() - _last_prune < PRUNE_EVERY_S:
+        return
+    _last_prune = time.time()
     for path in OUTPUT_DIR.glob("*/*"):
         try:
             if time.time() - path.stat().st_mtime > OUTPUT_MAX_AGE_S:

@@ -106,12 +106,7 @@ def morph_quality(detector, scored: ScoredSet, n_images: int, threads: int, conf
     rows = []
     for i in defective:
         path, mask = scored.paths[i], scored.masks[i]
-        start = time.perf_counter()
-        frames, first_frame = [], None
-        for frame in morph(detector, path, config):
-            first_frame = first_frame or time.perf_counter() - start
-            frames.append(frame)
-        total = time.perf_counter() - start
+        frames, first_frame, total = timed_morph(detector, path, config)
         before, after = frames[0].rgb(), frames[-1].rgb()
         recon = to_uint8(detector.reconstruct(detector.preprocess(path), 200, steps=10))
         inside_change = float(np.abs(after[mask].astype(float) - before[mask]).mean()) if mask.any() else float("nan")
@@ -136,16 +131,21 @@ def morph_quality(detector, scored: ScoredSet, n_images: int, threads: int, conf
     }
 
 
+def timed_morph(detector, path, config: MorphConfig) -> tuple[list, float, float]:
+    """All frames, seconds to the first frame, seconds in all."""
+    start = time.perf_counter()
+    frames, first_frame = [], None
+    for frame in morph(detector, path, config):
+        first_frame = first_frame or time.perf_counter() - start
+        frames.append(frame)
+    return frames, first_frame, time.perf_counter() - start
+
+
 def morph_timing(detector, paths, threads: int) -> dict:
     torch.set_num_threads(threads)
-    first_frame, total = [], []
-    for path in paths:
-        start = time.perf_counter()
-        for i, _ in enumerate(morph(detector, path, MorphConfig())):
-            if i == 0:
-                first_frame.append(time.perf_counter() - start)
-        total.append(time.perf_counter() - start)
-    return {"median_first_frame_s": float(np.median(first_frame)), "median_total_s": float(np.median(total))} if paths else {}
+    timings = [timed_morph(detector, path, MorphConfig())[1:] for path in paths]
+    return {"median_first_frame_s": float(np.median([t[0] for t in timings])),
+            "median_total_s": float(np.median([t[1] for t in timings]))} if paths else {}
 
 
 def fmt(value) -> str:
@@ -204,13 +204,16 @@ def markdown(results: dict) -> str:
     return "\n".join(out)
 
 
+def write_results(results: dict, out: Path) -> None:
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
+    (out / "results.md").write_text(markdown(results))
+
+
 def save_section(name: str, section: dict) -> None:
     """Store one section (the app's latency, reliability) in results.json, keeping the rest; re-render results.md."""
-    results_path = ROOT / "benchmarks" / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.exists() else {"categories": {}}
-    results[name] = section
-    results_path.write_text(json.dumps(results, indent=2) + "\n")
-    (ROOT / "benchmarks" / "results.md").write_text(markdown(results))
+    out = ROOT / "benchmarks"
+    results = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {"categories": {}}
+    write_results({**results, name: section}, out)
 
 
 def reliability_markdown(r: dict) -> list[str]:
@@ -301,8 +304,7 @@ def main(argv=None):
                 r[name] = morph_quality(detector, default, args.morph_images, args.threads, config)
         results["categories"][category] = r
         print(json.dumps({k: v for k, v in r.items() if k != "morph"}, indent=1, default=str)[:3000])
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
-    (out / "results.md").write_text(markdown(results))
+    write_results(results, out)
     print(f"wrote {out / 'results.md'}")
 
 
