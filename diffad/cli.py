@@ -61,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     morph.add_argument("--denoise-every", type=int, default=5)
     morph.add_argument("--loops", type=int, default=8)
     morph.add_argument("--seed", type=int, default=0)
-    morph.add_argument("--focus", type=float, default=0.0,
-                       help="0: the paper's morph; 1: change pixels in proportion to their anomaly (keeps normal detail)")
+    morph.add_argument("--focus", type=float, default=1.0,
+                       help="1: change pixels in proportion to their anomaly (keeps normal detail); 0: the paper's morph")
 
     examples = sub.add_parser("examples", help="make example images: diffusion samples plus synthetic defects")
     _add_checkpoint_args(examples)

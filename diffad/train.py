@@ -18,7 +18,7 @@ from .data import DataError, list_images, load_images, train_folder
 from .detector import AnomalyDetector, shared_backbone
 from .diffusion import GaussianDiffusion
 from .models import DiffADNet, NetConfig
-from .morph import FeatureGaussian
+from .morph import fit_feature_gaussian
 from .scoring import ScoringConfig
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ def train(config: TrainConfig, progress: bool = True) -> Path:
 
     # Backbone features of every (image, augmentation) pair are computed once: the backbone is frozen.
     cached = augmented_features(backbone, train_images, augmentations, device)
-    gaussian = FeatureGaussian.fit(cached.flatten(0, 1), dims=config.gaussian_dims, seed=config.seed)
+    gaussian = fit_feature_gaussian(backbone, train_images, cached.flatten(0, 1), config.gaussian_dims, config.seed)
     feature_mean = cached.float().mean(dim=(0, 1, 3, 4))
     feature_std = cached.float().std(dim=(0, 1, 3, 4)).clamp_min(1e-4)
 
@@ -221,7 +221,8 @@ def recalibrate(checkpoint, data) -> AnomalyDetector:
     images, _, _ = load_images(list_images(train_folder(data)), detector.resolution)
     train_idx, hold_idx = split_holdout(len(images), settings.get("holdout_fraction", 0.15), settings.get("seed", 0))
     features = augmented_features(detector.backbone, images[train_idx], _augmentations(settings.get("augment", "flip")), detector.device)
-    gaussian = FeatureGaussian.fit(features.flatten(0, 1), dims=settings.get("gaussian_dims", 64), seed=settings.get("seed", 0))
+    gaussian = fit_feature_gaussian(detector.backbone, images[train_idx], features.flatten(0, 1),
+                                    settings.get("gaussian_dims", 64), settings.get("seed", 0))
     detector.calibrate(images[hold_idx], CALIBRATED_TIMESTEPS)
     save_checkpoint(detector, checkpoint, extra_tensors=gaussian.to_tensors())
     return detector
