@@ -95,24 +95,34 @@ def psnr(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
-# The paper's morph, and the variant that weights each update by the anomaly map (MorphConfig.focus).
-MORPH_VARIANTS = {"morph": MorphConfig(), "morph_focus": MorphConfig(focus=1.0)}
+# The default morph (each update weighted by the anomaly map, focus = 1) and the paper's (every pixel updated).
+MORPH_VARIANTS = {"morph": MorphConfig(), "morph_paper": MorphConfig(focus=0.0)}
 
 
 def morph_quality(detector, scored: ScoredSet, n_images: int, threads: int, config: MorphConfig) -> dict:
-    """Morph sampled defective test images; the summary covers those the model flagged (the others need no morph)."""
+    """Morph defective test images, spread over the split, until `n_images` of them were flagged by the model.
+
+    Images the model already scores as normal need no morph: they are counted, and left out of the summary.
+    """
     torch.set_num_threads(threads)
-    defective = [i for i, label in enumerate(scored.labels) if label][:: max(1, int(np.sum(scored.labels)) // max(n_images, 1))][:n_images]
+    defective = [i for i, label in enumerate(scored.labels) if label]
+    spread = defective[:: max(1, len(defective) // max(n_images, 1))]
+    rest = sorted(set(defective) - set(spread))
     rows = []
-    for i in defective:
+    for i in spread + rest:
+        if sum(row["loops"] > 0 for row in rows) >= n_images:
+            break
         path, mask = scored.paths[i], scored.masks[i]
         frames, first_frame, total = timed_morph(detector, path, config)
+        row = {"image": f"{scored.defects[i]}/{path.name}", "loops": frames[-1].loop, "score_before": frames[0].score}
+        rows.append(row)
+        if not row["loops"]:
+            continue
         before, after = frames[0].rgb(), frames[-1].rgb()
         recon = to_uint8(detector.reconstruct(detector.preprocess(path), 200, steps=10))
         inside_change = float(np.abs(after[mask].astype(float) - before[mask]).mean()) if mask.any() else float("nan")
-        rows.append({
-            "image": f"{scored.defects[i]}/{path.name}", "loops": frames[-1].loop, "score_before": frames[0].score,
-            "score_after": frames[-1].score, "normal_after": frames[-1].is_normal,
+        row.update({
+            "score_after": frames[-1].score, "normal_after": frames[-1].is_normal, "energy_ratio": frames[-1].energy / frames[0].energy,
             "psnr_outside_mask_db": psnr(after, before, ~mask), "mean_abs_change_inside_mask": inside_change,
             "reconstruction_psnr_outside_mask_db": psnr(recon, before, ~mask), "first_frame_s": first_frame, "total_s": total,
         })
@@ -125,6 +135,7 @@ def morph_quality(detector, scored: ScoredSet, n_images: int, threads: int, conf
         "median_psnr_outside_mask_db": float(np.median([r["psnr_outside_mask_db"] for r in morphed])),
         "median_reconstruction_psnr_outside_mask_db": float(np.median([r["reconstruction_psnr_outside_mask_db"] for r in morphed])),
         "median_abs_change_inside_mask": float(np.nanmedian([r["mean_abs_change_inside_mask"] for r in morphed])),
+        "median_energy_ratio": float(np.median([r["energy_ratio"] for r in morphed])),
         "median_first_frame_s": float(np.median([r["first_frame_s"] for r in morphed])),
         "median_total_s": float(np.median([r["total_s"] for r in morphed])),
         "rows": rows,
@@ -179,18 +190,20 @@ def markdown(results: dict) -> str:
         elif r.get("morph"):
             m = r["morph"]
             out += [f"- morph: first frame {m['median_first_frame_s']:.2f} s, complete {m['median_total_s']:.2f} s", "",
-                    f"### Morph ({m['images']} defective test images, default settings; "
-                    f"{sum(row['loops'] == 0 for row in m.get('rows', []))} of them already scored normal and were left "
-                    f"out of these figures)", "",
+                    f"### Morph ({m['images']} defective test images, default settings (focus = 1); "
+                    f"{sum(row['loops'] == 0 for row in m.get('rows', []))} of them already scored normal, needed no morph "
+                    f"and are left out of these figures)", "",
                     f"- final score below the normal threshold: **{m['normal_after_fraction']:.0%}**",
                     f"- PSNR outside the defect mask, morph vs input: **{m['median_psnr_outside_mask_db']:.1f} dB** (median)",
                     f"- same for a plain diffusion reconstruction (noise to t = 200, denoise back): {m['median_reconstruction_psnr_outside_mask_db']:.1f} dB",
-                    f"- mean absolute change inside the mask: {m['median_abs_change_inside_mask']:.1f} grey levels (median)"]
-            f = r.get("morph_focus", {})
+                    f"- mean absolute change inside the mask: {m['median_abs_change_inside_mask']:.1f} grey levels (median)",
+                    f"- feature energy at the end / at the start: {m['median_energy_ratio']:.2f} (median)"]
+            f = r.get("morph_paper", {})
             if "normal_after_fraction" in f:
-                out += [f"- with `focus = 1` (each update weighted by the anomaly map): below the threshold "
+                out += [f"- the paper's morph (`focus = 0`, every pixel updated): below the threshold "
                         f"**{f['normal_after_fraction']:.0%}**, PSNR outside the mask **{f['median_psnr_outside_mask_db']:.1f} dB**, "
-                        f"change inside {f['median_abs_change_inside_mask']:.1f} grey levels, complete in {f['median_total_s']:.2f} s"]
+                        f"change inside {f['median_abs_change_inside_mask']:.1f} grey levels, energy ratio "
+                        f"{f['median_energy_ratio']:.2f}, complete in {f['median_total_s']:.2f} s"]
         out.append("")
     if results.get("app"):
         a = results["app"]
