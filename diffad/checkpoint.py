@@ -135,6 +135,10 @@ def load_folder(folder, device: str | torch.device = "cpu") -> AnomalyDetector:
         extra_tensors=extras,
         **stats,
     )
+    try:
+        detector.position_means()
+    except ValueError as exc:
+        raise CheckpointError(f"{weights_path}: {exc}") from exc
     return detector.to(device)
 
 

@@ -21,6 +21,9 @@ IMAGE_THRESHOLD_QUANTILE = 0.99
 PIXEL_THRESHOLD_QUANTILE = 0.999
 # Gaussian smoothing (sigma in pixels at the model resolution) tried when calibrating; 0 is none.
 SMOOTHING_CANDIDATES = (0.0, 2.0, 4.0, 8.0)
+# Position-wise mean maps of normal images are stored pooled by this factor: smooth enough to hold no single
+# image's noise, fine enough for borders (and 16x smaller in the checkpoint).
+POSITION_MEAN_POOL = 4
 
 
 @functools.lru_cache(maxsize=4)
@@ -176,10 +179,27 @@ class AnomalyDetector:
             x = scheduler.step(self.net(x, step_t.view(1).to(self.device)).eps, step_t, x).prev_sample
         return x[0].clamp(-1, 1).cpu()
 
+    def position_means(self) -> dict | None:
+        """t -> map kind -> (R, R) mean map of held-out normal images, or None for checkpoints without them."""
+        if "position_means" not in self.cache:
+            self.cache["position_means"] = self._unpack_position_means()
+        return self.cache["position_means"]
+
+    def _unpack_position_means(self) -> dict | None:
+        maps, timesteps = self.extra_tensors.get("position_mean"), self.extra_tensors.get("position_mean_timesteps")
+        if maps is None and timesteps is None:
+            return None
+        grid = self.resolution // POSITION_MEAN_POOL
+        if (maps is None or timesteps is None or timesteps.dim() != 1 or maps.shape != (len(timesteps), len(MAP_KINDS), grid, grid)
+                or not torch.isfinite(maps.float()).all()):
+            raise ValueError("the checkpoint's position-wise normal means have inconsistent shapes or values")
+        full = torch.nn.functional.interpolate(maps.float(), size=self.resolution, mode="bilinear", align_corners=False)
+        return {int(t): {kind: full[i, k].numpy() for k, kind in enumerate(MAP_KINDS)} for i, t in enumerate(timesteps.tolist())}
+
     def combine(self, steps: list[StepMaps], scoring: ScoringConfig | None = None) -> CombinedMaps:
         scoring = scoring or self.scoring
         chosen = [s for s in steps if s.t in set(scoring.timesteps)]
-        return combine(chosen, self.calibration.step_stats, scoring)
+        return combine(chosen, self.calibration.step_stats, scoring, self.position_means())
 
     def predict(self, image, *, seed: int | None = None, view_timesteps=()) -> Prediction:
         """Score one image. `view_timesteps` adds timesteps whose maps are kept for viewing but not scored."""
@@ -235,13 +255,17 @@ class AnomalyDetector:
         all_steps = []
         for start in range(0, len(normal_images), batch_size):
             all_steps += self.raw_steps(normal_images[start : start + batch_size], timesteps)
-        stats = {}
+        stats, means = {}, torch.zeros(len(timesteps), len(MAP_KINDS), self.resolution, self.resolution)
         for i, t in enumerate(timesteps):
             stats[str(t)] = {}
-            for kind in MAP_KINDS:
+            for k, kind in enumerate(MAP_KINDS):
                 values = np.stack([getattr(steps[i], kind) for steps in all_steps])
                 stats[str(t)][kind] = [float(values.mean()), float(values.std())]
+                means[i, k] = torch.from_numpy(values.mean(axis=0))
         self.calibration = Calibration(step_stats=stats)
+        self.extra_tensors["position_mean"] = torch.nn.functional.avg_pool2d(means, POSITION_MEAN_POOL).half()
+        self.extra_tensors["position_mean_timesteps"] = torch.tensor(timesteps, dtype=torch.int64)
+        self.cache.pop("position_means", None)
         if select_smoothing:
             self.select_smoothing(normal_images, batch_size=batch_size)
         combined = [self.combine(steps) for steps in all_steps]

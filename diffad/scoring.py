@@ -23,6 +23,9 @@ class ScoringConfig:
     # Mean of the top-k map values is the image score; k is for 256 px and scales with area.
     top_k: int = 64
     smoothing_sigma: float = 0.0
+    # Centre each pixel on the held-out normal images' mean at that position (when the checkpoint has those maps)
+    # rather than on one mean per map, as the paper does.
+    centre_by_position: bool = True
     seed: int = 0
 
     @classmethod
@@ -103,16 +106,22 @@ class CombinedMaps:
     per_kind: dict = field(default_factory=dict)
 
 
-def combine(steps: list[StepMaps], step_stats: dict, config: ScoringConfig) -> CombinedMaps:
-    """z-normalise each timestep's maps by that step's statistics on normal images, then sum over timesteps."""
+def combine(steps: list[StepMaps], step_stats: dict, config: ScoringConfig, position_means: dict | None = None) -> CombinedMaps:
+    """z-normalise each timestep's maps by that step's statistics on normal images, then sum over timesteps.
+
+    With `position_means` (t -> kind -> (R, R) mean map of normal images), each pixel is centred on what normal
+    images show at that position instead of on one mean for the whole map: borders and other places where the
+    model is always a little off stop looking anomalous.
+    """
     sums = {kind: 0.0 for kind in MAP_KINDS}
     for step in steps:
         stats = step_stats.get(str(step.t))
         if stats is None:
             raise ValueError(f"timestep {step.t} has no calibration statistics (calibrated: {sorted(step_stats, key=int)})")
+        centres = (position_means or {}).get(step.t, {}) if config.centre_by_position else {}
         for kind in MAP_KINDS:
             mean, std = stats[kind]
-            sums[kind] = sums[kind] + (getattr(step, kind) - mean) / max(std, 1e-12)
+            sums[kind] = sums[kind] + (getattr(step, kind) - centres.get(kind, mean)) / max(std, 1e-12)
     pixel = sums[config.pixel_map]
     anomaly = gaussian_smooth(config.alpha * pixel + (1 - config.alpha) * sums["feature"], config.smoothing_sigma)
     return CombinedMaps(anomaly, pixel, sums["feature"], top_k_mean(anomaly, config.top_k), per_kind=sums)

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import shutil
 
@@ -186,3 +187,33 @@ def test_missing_hub_repo_or_category_is_named(tmp_path):
         server.shutdown()
     assert messages == ["category 'nope' is not in the Hub repo someone/diffad-checkpoints",
                         "Hub repo someone/missing-repo not found (or private)"]
+
+
+def test_position_means_centre_each_pixel_on_normal_images(tiny_checkpoint, tiny_dataset):
+    detector = load_checkpoint(tiny_checkpoint)
+    means = detector.position_means()
+    assert set(means) == {int(t) for t in detector.calibration.step_stats}
+    image = detector.preprocess(sorted((tiny_dataset / "test" / "good").iterdir())[0])
+    steps = detector.raw_steps(image[None], detector.scoring.timesteps)[0]
+    # A map that equals the normal mean at every position is exactly typical: zero after centring.
+    for step in steps:
+        for kind in ("kl", "feature", "rgb"):
+            setattr(step, kind, means[step.t][kind].copy())
+    maps = detector.combine(steps)
+    assert np.abs(maps.anomaly).max() < 1e-5
+    # Centred on one mean per timestep instead, the same maps are far from zero.
+    per_map = dataclasses.replace(detector.scoring, centre_by_position=False)
+    assert np.abs(detector.combine(steps, per_map).anomaly).max() > 0.1
+
+
+def test_checkpoints_without_position_means_still_load_and_tampered_ones_are_refused(tiny_checkpoint, tiny_dataset, tmp_path):
+    folder = copy_of(tiny_checkpoint, tmp_path)
+    weights = folder / "model.safetensors"
+    tensors = load_file(str(weights))
+    save_file({k: v for k, v in tensors.items() if not k.startswith("extras.position_mean")}, str(weights))
+    older = load_checkpoint(folder)
+    assert older.position_means() is None and np.isfinite(predict(older, tiny_dataset).score)
+    tensors["extras.position_mean"] = tensors["extras.position_mean"][:, :, :-1].contiguous()
+    save_file(tensors, str(weights))
+    with pytest.raises(CheckpointError, match="position-wise normal means"):
+        load_checkpoint(folder)
