@@ -163,7 +163,7 @@ def make_app(registry: CheckpointRegistry) -> gr.Blocks:
     def run_morph(image_path, category, step_size, denoise_every, loops, seed, keep_normal):
         config = MorphConfig(step_size=_finite(step_size, "step size"), denoise_every=int(_finite(denoise_every, "denoise every")),
                              max_loops=int(min(_finite(loops, "loops"), MAX_MORPH_LOOPS)), seed=int(_finite(seed, "seed")),
-                             focus=1.0 if keep_normal else 0.0)
+                             focus=MorphConfig.focus if keep_normal else 0.0)
         if not image_path:
             raise gr.Error("Upload a photo or pick an example first.", print_exception=False)
         detector, _ = load(category)

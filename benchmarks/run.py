@@ -49,6 +49,7 @@ def ablations(base):
         "2 timesteps (20/200)": replace(base, timesteps=(20, 200)),
         "5 timesteps (5/20/100/200/400)": replace(base, timesteps=(5, 20, 100, 200, 400)),
         "default + Gaussian smoothing (sigma 4)": replace(base, smoothing_sigma=4.0),
+        "one normal mean per map, not per position (the paper)": replace(base, centre_by_position=False),
     }
 
 
@@ -190,7 +191,7 @@ def markdown(results: dict) -> str:
         elif r.get("morph"):
             m = r["morph"]
             out += [f"- morph: first frame {m['median_first_frame_s']:.2f} s, complete {m['median_total_s']:.2f} s", "",
-                    f"### Morph ({m['images']} defective test images, default settings (focus = 1); "
+                    f"### Morph ({m['images']} defective test images, default settings (focus = {MorphConfig().focus:g}); "
                     f"{sum(row['loops'] == 0 for row in m.get('rows', []))} of them already scored normal, needed no morph "
                     f"and are left out of these figures)", "",
                     f"- final score below the normal threshold: **{m['normal_after_fraction']:.0%}**",

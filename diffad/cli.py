@@ -12,6 +12,7 @@ from PIL import Image
 
 from .checkpoint import CheckpointError, load_checkpoint
 from .data import IMAGE_SUFFIXES, DataError, list_images, to_uint8
+from .morph import MorphConfig
 
 log = logging.getLogger("diffad")
 
@@ -61,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     morph.add_argument("--denoise-every", type=int, default=5)
     morph.add_argument("--loops", type=int, default=8)
     morph.add_argument("--seed", type=int, default=0)
-    morph.add_argument("--focus", type=float, default=1.0,
-                       help="1: change pixels in proportion to their anomaly (keeps normal detail); 0: the paper's morph")
+    morph.add_argument("--focus", type=float, default=MorphConfig.focus,
+                       help="above 0: change pixels by how anomalous they look (keeps normal detail); 0: the paper's morph")
 
     examples = sub.add_parser("examples", help="make example images: diffusion samples plus synthetic defects")
     _add_checkpoint_args(examples)
@@ -136,7 +137,7 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_morph(args) -> int:
-    from .morph import MorphConfig, before_after, export_gif, export_mp4, morph
+    from .morph import before_after, export_gif, export_mp4, morph
 
     detector = load_checkpoint(args.checkpoint, args.category, args.revision, device=args.device)
     config = MorphConfig(step_size=args.step_size, denoise_every=args.denoise_every, max_loops=args.loops, seed=args.seed,

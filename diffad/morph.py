@@ -99,7 +99,9 @@ class MorphConfig:
     # 0 is the paper's morph: every pixel is updated. Above 0, each update is weighted by the current anomaly map over
     # the mask threshold, clipped to [0, 1], to this power: pixels the model finds normal are never touched, so the
     # denoiser only has to remove the noise added where the defect is (far more morphs end normal, and sharper).
-    focus: float = 1.0
+    # The square keeps weights low in the map's fringe around a defect, where noise added piles up again (bottle:
+    # 7 of 9 defects end normal with 2, 3 of 9 with 1).
+    focus: float = 2.0
 
     def validate(self, num_timesteps: int) -> None:
         if not 0 < self.step_size < 1:
