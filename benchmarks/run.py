@@ -129,9 +129,10 @@ def morph_quality(detector, scored: ScoredSet, n_images: int, threads: int, conf
         })
     morphed = [r for r in rows if r["loops"] > 0]
     if not morphed:
-        return {"images": len(rows), "rows": rows}
+        return {"images": len(rows), "focus": config.focus, "rows": rows}
     return {
         "images": len(rows),
+        "focus": config.focus,
         "normal_after_fraction": float(np.mean([r["normal_after"] for r in morphed])),
         "median_psnr_outside_mask_db": float(np.median([r["psnr_outside_mask_db"] for r in morphed])),
         "median_reconstruction_psnr_outside_mask_db": float(np.median([r["reconstruction_psnr_outside_mask_db"] for r in morphed])),
@@ -191,7 +192,7 @@ def markdown(results: dict) -> str:
         elif r.get("morph"):
             m = r["morph"]
             out += [f"- morph: first frame {m['median_first_frame_s']:.2f} s, complete {m['median_total_s']:.2f} s", "",
-                    f"### Morph ({m['images']} defective test images, default settings (focus = {MorphConfig().focus:g}); "
+                    f"### Morph ({m['images']} defective test images, default settings (focus = {m['focus']:g}); "
                     f"{sum(row['loops'] == 0 for row in m.get('rows', []))} of them already scored normal, needed no morph "
                     f"and are left out of these figures)", "",
                     f"- final score below the normal threshold: **{m['normal_after_fraction']:.0%}**",
