@@ -6,7 +6,7 @@ x <- sqrt(1 - s^2) x - s g, which is a forward-diffusion step of variance s^2 wh
 N_d steps the diffusion model removes that "noise" at the matching timestep.
 
 Two choices keep normal regions intact: the Gaussian is also fitted on slightly noisy normal images, so that the
-energy measures defects rather than the noise the morph itself adds; and by default (focus = 1) every update is
+energy measures defects rather than the noise the morph itself adds; and by default (focus = 2) every update is
 weighted by the anomaly map, so pixels the model finds normal are never touched and only the defect changes.
 """
 from __future__ import annotations

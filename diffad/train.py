@@ -93,6 +93,17 @@ def split_holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.nd
     return np.sort(order[n_hold:]), np.sort(order[:n_hold])
 
 
+def _load_state(path: Path, net: DiffADNet) -> dict:
+    """The saved training state, with its weights already in `net`; a clear error when it cannot be resumed."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        net.load_state_dict(state["net"])
+    except Exception as exc:  # truncated file, foreign pickle, or another network layout: all end the same way
+        raise DataError(f"{path} cannot be resumed (damaged, or written for another network layout or diffad "
+                        f"version: {type(exc).__name__}); delete it to start over, or choose another --out") from exc
+    return state
+
+
 def train(config: TrainConfig, progress: bool = True) -> Path:
     """Train, calibrate and write a checkpoint to `config.out`; resumes from `out/train_state.pt` if present."""
     torch.manual_seed(config.seed)
@@ -108,6 +119,8 @@ def train(config: TrainConfig, progress: bool = True) -> Path:
     backbone = shared_backbone().to(device)
     net_config = NetConfig(resolution=config.resolution, feature_channels=backbone.channels, **config.net)
     net = DiffADNet(net_config).to(device)
+    state_path = out / STATE_NAME
+    state = _load_state(state_path, net) if state_path.exists() else None  # before the slow feature caching
     diffusion = GaussianDiffusion()
     augmentations = _augmentations(config.augment)
 
@@ -121,12 +134,9 @@ def train(config: TrainConfig, progress: bool = True) -> Path:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps)))
     ema = EMAModel(net.parameters(), decay=config.ema_decay, use_ema_warmup=True, power=0.75)
     out.mkdir(parents=True, exist_ok=True)
-    state_path = out / STATE_NAME
     step, elapsed = 0, 0.0
     generator = torch.Generator().manual_seed(config.seed)
-    if state_path.exists():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        net.load_state_dict(state["net"])
+    if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         ema.load_state_dict(state["ema"])

@@ -41,3 +41,16 @@ def test_holdout_split_and_too_few_images(tmp_path):
         split_holdout(3, 0.15, seed=0)
     with pytest.raises(DataError, match="does not exist"):
         train(TrainConfig(data=str(tmp_path / "nothing"), out=str(tmp_path / "x")), progress=False)
+
+
+def test_unresumable_state_is_a_clear_error(tiny_dataset, tmp_path):
+    out = tmp_path / "part"
+    config = TrainConfig(data=str(tiny_dataset), out=str(out), resolution=32, steps=2, batch_size=2, save_every=2, net=TINY_NET)
+    train(config, progress=False)
+    wider = {**TINY_NET, "head_channels": 2 * TINY_NET["head_channels"]}
+    with pytest.raises(DataError, match="train_state.pt cannot be resumed.*another network layout"):
+        train(TrainConfig(**{**config.__dict__, "steps": 4, "net": wider}), progress=False)
+    state = out / "train_state.pt"
+    state.write_bytes(state.read_bytes()[:1000])
+    with pytest.raises(DataError, match="cannot be resumed.*delete it to start over"):
+        train(TrainConfig(**{**config.__dict__, "steps": 4}), progress=False)
