@@ -89,6 +89,32 @@ def latency(detector, paths, threads: int, repeats: int = 7) -> dict:
             "score_with_12_view_timesteps_s": round(statistics.median(view_times), 3)}
 
 
+DENOISER_TIMESTEPS = (5, 20, 100, 200, 400)
+
+
+@torch.no_grad()
+def denoiser_quality(detector, root: Path, n_images: int = 8, seed: int = 0) -> dict:
+    """Noise-prediction error by timestep on good test images: how well the model knows what normal looks like."""
+    paths = list_images(root / "test" / "good")[:n_images]
+    x0 = torch.stack([to_tensor(read_image(p), detector.resolution) for p in paths]).to(detector.device)
+    # Reference: the noise estimate a model would make if it answered every x_t with the mean training image.
+    mean_image = load_images(list_images(train_folder(root)), detector.resolution)[0].mean(dim=0).to(detector.device)
+    generator = torch.Generator().manual_seed(seed)
+    rows = {}
+    for t in DENOISER_TIMESTEPS:
+        tt = torch.full((len(x0),), t, device=detector.device)
+        noise = torch.randn(x0.shape, generator=generator).to(detector.device)
+        xt = detector.diffusion.q_sample(x0, tt, noise)
+        eps = detector.net(xt, tt).eps
+        x0_hat = detector.diffusion.predict_x0(xt, tt, eps)
+        abar = detector.diffusion.alphas_cumprod[t]
+        eps_from_mean = (xt - abar.sqrt() * mean_image) / (1 - abar).sqrt()
+        rows[t] = {"noise_std": float((1 - abar).sqrt()), "eps_mse": float((eps - noise).pow(2).mean()),
+                   "x0_rmse": float((x0_hat - x0).pow(2).mean().sqrt()),
+                   "mean_image_eps_mse": float((eps_from_mean - noise).pow(2).mean())}
+    return {"images": len(paths), "rows": rows}
+
+
 def psnr(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> float:
     if not where.any():
         return float("nan")
@@ -181,6 +207,12 @@ def markdown(results: dict) -> str:
         out += ["", "### Ablation", "", "| variant | " + " | ".join(METRIC_NAMES) + " |", "|---" * (len(METRIC_NAMES) + 1) + "|"]
         for name, m in r["ablation"].items():
             out.append(f"| {name} | " + " | ".join(fmt(m[k]) for k in METRIC_NAMES) + " |")
+        if r.get("denoiser"):
+            d = r["denoiser"]
+            out += ["", f"### Denoiser ({d['images']} good test images; noise std and x̂0 RMSE in pixel units of [-1, 1])", "",
+                    "| t | noise std | ε-MSE | x̂0 RMSE | ε-MSE if x̂0 were the mean training image |", "|---|---|---|---|---|"]
+            out += [f"| {t} | {row['noise_std']:.3f} | {row['eps_mse']:.3f} | {row['x0_rmse']:.3f} | {row['mean_image_eps_mse']:.3f} |"
+                    for t, row in d["rows"].items()]
         lat = r["latency"]
         out += ["", f"### Speed ({lat['threads']} CPU threads, medians)", "",
                 f"- scoring one image (3 timesteps, KL + feature maps): **{lat['score_one_image_s']:.3f} s**",
@@ -267,6 +299,7 @@ def main(argv=None):
     parser.add_argument("--ablation", choices=["full", "core"], default="full", help="core: KL/feature/RGB variants only")
     parser.add_argument("--morph-only", action="store_true", help="re-measure only the morph section")
     parser.add_argument("--latency-only", action="store_true", help="re-measure only speed (on an otherwise idle machine)")
+    parser.add_argument("--denoiser-only", action="store_true", help="re-measure only the denoiser's error by timestep")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -287,6 +320,9 @@ def main(argv=None):
             timing = morph_timing(detector, morphed[:3], args.threads)
             r.setdefault("morph", {}).update(timing)
             print(category, r["latency"], timing)
+            continue
+        if args.denoiser_only:
+            results["categories"][category]["denoiser"] = denoiser_quality(detector, root)
             continue
         chosen = ablations(detector.scoring)
         if args.ablation == "core":
@@ -309,6 +345,7 @@ def main(argv=None):
             "metrics": metrics_for(default),
             "ablation": {name: evaluate_maps(s.labels, s.scores, s.masks, s.maps) for name, s in variants.items()},
         }
+        r["denoiser"] = denoiser_quality(detector, root)
         print(f"[{category}] baselines")
         r["baselines"] = baseline_sets(detector, root, default)
         print(f"[{category}] latency")
