@@ -53,10 +53,14 @@ def ablations(base):
     }
 
 
-def baseline_sets(detector, root: Path, reference: ScoredSet) -> dict[str, dict]:
+def training_split(detector, root: Path) -> torch.Tensor:
+    """The checkpoint's own training images (its held-out calibration images left out)."""
     images, _, _ = load_images(list_images(train_folder(root)), detector.resolution)
     train_idx, _ = split_holdout(len(images), detector.training.get("holdout_fraction", 0.15), detector.training.get("seed", 0))
-    train_images = images[train_idx]
+    return images[train_idx]
+
+
+def baseline_sets(detector, train_images: torch.Tensor, reference: ScoredSet) -> dict[str, dict]:
     test = torch.stack([to_tensor(read_image(p), detector.resolution) for p in reference.paths])
     results = {}
     for name, model in (("PaDiM (same backbone)", PaDiM(detector.backbone)), ("PatchCore 10% (same backbone)", PatchCore(detector.backbone))):
@@ -93,12 +97,12 @@ DENOISER_TIMESTEPS = (5, 20, 100, 200, 400)
 
 
 @torch.no_grad()
-def denoiser_quality(detector, root: Path, n_images: int = 8, seed: int = 0) -> dict:
+def denoiser_quality(detector, root: Path, train_images: torch.Tensor, n_images: int = 8, seed: int = 0) -> dict:
     """Noise-prediction error by timestep on good test images: how well the model knows what normal looks like."""
     paths = list_images(root / "test" / "good")[:n_images]
     x0 = torch.stack([to_tensor(read_image(p), detector.resolution) for p in paths]).to(detector.device)
     # Reference: the noise estimate a model would make if it answered every x_t with the mean training image.
-    mean_image = load_images(list_images(train_folder(root)), detector.resolution)[0].mean(dim=0).to(detector.device)
+    mean_image = train_images.mean(dim=0, keepdim=True).expand_as(x0).to(detector.device)
     generator = torch.Generator().manual_seed(seed)
     rows = {}
     for t in DENOISER_TIMESTEPS:
@@ -107,9 +111,8 @@ def denoiser_quality(detector, root: Path, n_images: int = 8, seed: int = 0) -> 
         xt = detector.diffusion.q_sample(x0, tt, noise)
         eps = detector.net(xt, tt).eps
         x0_hat = detector.diffusion.predict_x0(xt, tt, eps)
-        abar = detector.diffusion.alphas_cumprod[t]
-        eps_from_mean = (xt - abar.sqrt() * mean_image) / (1 - abar).sqrt()
-        rows[t] = {"noise_std": float((1 - abar).sqrt()), "eps_mse": float((eps - noise).pow(2).mean()),
+        eps_from_mean = detector.diffusion.predict_eps(xt, tt, mean_image)
+        rows[t] = {"noise_std": float(detector.diffusion.sqrt_one_minus_alphas_cumprod[t]), "eps_mse": float((eps - noise).pow(2).mean()),
                    "x0_rmse": float((x0_hat - x0).pow(2).mean().sqrt()),
                    "mean_image_eps_mse": float((eps_from_mean - noise).pow(2).mean())}
     return {"images": len(paths), "rows": rows}
@@ -322,7 +325,7 @@ def main(argv=None):
             print(category, r["latency"], timing)
             continue
         if args.denoiser_only:
-            results["categories"][category]["denoiser"] = denoiser_quality(detector, root)
+            results["categories"][category]["denoiser"] = denoiser_quality(detector, root, training_split(detector, root))
             continue
         chosen = ablations(detector.scoring)
         if args.ablation == "core":
@@ -345,9 +348,10 @@ def main(argv=None):
             "metrics": metrics_for(default),
             "ablation": {name: evaluate_maps(s.labels, s.scores, s.masks, s.maps) for name, s in variants.items()},
         }
-        r["denoiser"] = denoiser_quality(detector, root)
+        train_images = training_split(detector, root)
+        r["denoiser"] = denoiser_quality(detector, root, train_images)
         print(f"[{category}] baselines")
-        r["baselines"] = baseline_sets(detector, root, default)
+        r["baselines"] = baseline_sets(detector, train_images, default)
         print(f"[{category}] latency")
         r["latency"] = latency(detector, default.paths, args.threads)
         if args.morph_images:
