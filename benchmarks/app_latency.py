@@ -28,6 +28,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     from gradio_client import Client, handle_file
 
+    from diffad.morph import MorphConfig
+
+    defaults = MorphConfig()
     manifest = json.loads((ROOT / "examples" / args.category / "manifest.json").read_text())
     images = [str(ROOT / "examples" / args.category / e["file"]) for e in manifest["images"]]
     start = time.perf_counter()
@@ -49,14 +52,15 @@ def main(argv=None):
             threshold.append(time.perf_counter() - t0)
         for i in range(min(3, args.repeats)):
             t0 = time.perf_counter()
-            client.predict(handle_file(images[-1 - i]), args.category, 0.02, 5, 8, 0, api_name="/morph")
+            client.predict(handle_file(images[-1 - i]), args.category, defaults.step_size, defaults.denoise_every,
+                           defaults.max_loops, defaults.seed, api_name="/morph")
             morph.append(time.perf_counter() - t0)
     result = {
         "threads": args.threads, "category": args.category, "cold_start_to_first_page_s": round(cold_start, 2),
         "analysis_round_trip_s": round(statistics.median(analyse), 3),
         "timestep_slider_round_trip_s": round(statistics.median(scrub), 3),
         "threshold_round_trip_s": round(statistics.median(threshold), 3),
-        "morph_round_trip_s": round(statistics.median(morph), 2),
+        "morph_round_trip_s": round(statistics.median(morph), 2), "morph_max_loops": defaults.max_loops,
     }
     print(result)
     from benchmarks.run import save_section

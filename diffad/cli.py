@@ -58,9 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_checkpoint_args(morph)
     morph.add_argument("image")
     morph.add_argument("--out", required=True)
-    morph.add_argument("--step-size", type=float, default=0.02)
-    morph.add_argument("--denoise-every", type=int, default=5)
-    morph.add_argument("--loops", type=int, default=8)
+    morph.add_argument("--step-size", type=float, default=MorphConfig.step_size)
+    morph.add_argument("--denoise-every", type=int, default=MorphConfig.denoise_every)
+    morph.add_argument("--loops", type=int, default=MorphConfig.max_loops)
     morph.add_argument("--seed", type=int, default=0)
     morph.add_argument("--focus", type=float, default=MorphConfig.focus,
                        help="above 0: change pixels by how anomalous they look (keeps normal detail); 0: the paper's morph")

@@ -91,7 +91,8 @@ class FeatureGaussian:
 class MorphConfig:
     step_size: float = 0.02  # s: each gradient step is a diffusion step of variance s^2
     denoise_every: int = 5  # N_d
-    max_loops: int = 8
+    # Most bottle defects end normal within 2-6 loops; large contaminations need 8-16 or more (stopping is early).
+    max_loops: int = 16
     # Denoising timestep; None matches the noise added by N_d steps of size s.
     timestep: int | None = None
     stop_below_threshold: bool = True

@@ -217,8 +217,6 @@ def _write_checkpoint(net, ema, config, category, holdout, feature_mean, feature
     log.info("step %d: checkpoint written to %s (threshold %.3f)", step, config.out, detector.calibration.image_threshold)
 
 
-
-
 def recalibrate(checkpoint, data) -> AnomalyDetector:
     """Re-measure the calibration and refit the morph's feature Gaussian of an existing checkpoint, in place.
 
