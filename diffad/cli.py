@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     examples.add_argument("--out", required=True)
     examples.add_argument("--seed", type=int, default=0)
     examples.add_argument("--defects", nargs="+", default=None, help="defect types (default: all of diffad.synth's)")
+    examples.add_argument("--polish-loops", type=int, default=16,
+                          help="morph each sample for up to this many loops until it scores normal (0: raw samples)")
 
     push = sub.add_parser("push", help="upload a category checkpoint to a Hugging Face Hub repo")
     push.add_argument("--checkpoint", required=True, help="local category folder")
@@ -161,7 +163,7 @@ def cmd_examples(args) -> int:
     from .examples import make_examples
 
     detector = load_checkpoint(args.checkpoint, args.category, args.revision, device=args.device)
-    manifest = make_examples(detector, args.data, args.out, seed=args.seed, **({"defects": args.defects} if args.defects else {}))
+    manifest = make_examples(detector, args.data, args.out, seed=args.seed, polish_loops=args.polish_loops, **({"defects": args.defects} if args.defects else {}))
     print(f"wrote {len(manifest['images'])} examples to {args.out}")
     return 0
 

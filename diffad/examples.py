@@ -3,7 +3,9 @@ defects on them with exact masks and a manifest. No dataset image is copied.
 
 Sampling starts from the *mean* of the training images (a blur of many parts, not any one of them) noised to
 t_start, then runs the model's reverse process with diffusers' DDIMScheduler (deterministic after the noising,
-which gives cleaner images than ancestral sampling in few steps).
+which gives cleaner images than ancestral sampling in few steps). The briefly trained models leave grain in their
+samples that they themselves flag, so each sample is then morphed (`diffad.morph`, which only touches the pixels the
+model flags) until the model scores it normal: otherwise the "normal" examples would light up in the app.
 """
 from __future__ import annotations
 
@@ -14,15 +16,26 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .data import list_images, load_images, to_uint8, train_folder
+from .data import list_images, load_images, train_folder
 from .detector import AnomalyDetector
+from .morph import MorphConfig, morph
 from .synth import add_defect
 
 DEFAULT_DEFECTS = ("scratch", "hole", "stain", "crack", "particle", "colour_spot")
 
 
+def normal_sample(detector: AnomalyDetector, mean_image, t_start: int, seed: int, polish_loops: int) -> tuple[np.ndarray, dict]:
+    """A diffusion sample from the noised mean image, morphed for up to `polish_loops` loops until it scores normal."""
+    sample = detector.reconstruct(mean_image, t_start, steps=25, seed=seed)
+    # The scoring seed stays the default one, so that the stop matches the score the app shows for the picture.
+    frames = list(morph(detector, sample, MorphConfig(max_loops=polish_loops)))
+    info = {"source": f"diffusion sample, seed {seed}", "sample_score": round(frames[0].score, 2),
+            "polish_loops": frames[-1].loop, "score": round(frames[-1].score, 2)}
+    return frames[-1].rgb(), info
+
+
 def make_examples(detector: AnomalyDetector, data, out, n_normal: int = 2, defects=DEFAULT_DEFECTS, seed: int = 0,
-                  t_start: int = 250) -> dict:
+                  t_start: int = 250, polish_loops: int = 16) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     images, _, _ = load_images(list_images(train_folder(data)), detector.resolution)
@@ -39,12 +52,17 @@ def make_examples(detector: AnomalyDetector, data, out, n_normal: int = 2, defec
             entry["mask"] = mask_name
         entries.append(entry)
 
-    bases = [to_uint8(detector.reconstruct(mean_image, t_start, steps=25, seed=seed + i)) for i in range(n_normal + len(defects))]
+    bases = [normal_sample(detector, mean_image, t_start, seed + i, polish_loops) for i in range(n_normal + len(defects))]
+    # The cleanest samples become the normal examples; the defects go on the others.
+    bases.sort(key=lambda base: base[1]["score"])
     for i in range(n_normal):
-        save(f"normal_{i}.png", bases[i], "normal", source=f"diffusion sample, seed {seed + i}")
+        picture, info = bases[i]
+        save(f"normal_{i}.png", picture, "normal", **info)
     for j, kind in enumerate(defects):
-        picture, mask = add_defect(bases[n_normal + j], kind, seed=seed + j, size=0.8)
-        save(f"{kind}.png", picture, kind, mask, source=f"diffusion sample, seed {seed + n_normal + j}, synthetic {kind}")
+        base, info = bases[n_normal + j]
+        picture, mask = add_defect(base, kind, seed=seed + j, size=0.8)
+        save(f"{kind}.png", picture, kind, mask, source=info["source"] + f", synthetic {kind}",
+             polish_loops=info["polish_loops"], base_score=info["score"])
     manifest = {"category": detector.category, "generator": "diffad.examples.make_examples", "images": entries}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest

@@ -32,6 +32,31 @@ def test_evaluate_writes_metrics_and_overlays(tiny_checkpoint, tiny_dataset, tmp
     assert len(list((out / "maps").glob("*.png"))) == 6
 
 
+def test_examples_are_deterministic_documented_and_masked(tiny_checkpoint, tiny_dataset, tmp_path):
+    import hashlib
+
+    import numpy as np
+    from PIL import Image
+
+    runs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        assert main(["examples", "--checkpoint", str(tiny_checkpoint), "--data", str(tiny_dataset), "--out", str(out),
+                     "--defects", "hole", "scratch", "--polish-loops", "3"]) == 0
+        runs.append(json.loads((out / "manifest.json").read_text()))
+    assert runs[0] == runs[1]  # same seed, same images (the manifest carries their hashes)
+    entries = {e["file"]: e for e in runs[0]["images"]}
+    assert set(entries) == {"normal_0.png", "normal_1.png", "hole.png", "scratch.png"}
+    for e in entries.values():
+        picture = tmp_path / "a" / e["file"]
+        assert hashlib.sha256(picture.read_bytes()).hexdigest() == e["sha256"]
+        assert e["polish_loops"] >= 0 and "diffusion sample" in e["source"]
+    for e in (entries["normal_0.png"], entries["normal_1.png"]):
+        assert e["polish_loops"] == 3 or e["score"] < json.loads((tiny_checkpoint / "config.json").read_text())["calibration"]["image_threshold"]
+    mask = np.asarray(Image.open(tmp_path / "a" / entries["hole.png"]["mask"])) > 127
+    assert 0 < mask.mean() < 0.5
+
+
 def test_errors_are_one_clear_line_without_traceback(tiny_checkpoint, tmp_path):
     cases = [
         (["predict", "--checkpoint", str(tmp_path / "none"), "x.png", "--out", str(tmp_path)], "does not exist"),
