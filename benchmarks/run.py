@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.baselines import PaDiM, PatchCore  # noqa: E402
 from diffad import load_checkpoint  # noqa: E402
-from diffad.data import list_images, list_test_samples, load_images, load_mask, read_image, to_tensor, to_uint8, train_folder  # noqa: E402
+from diffad.data import list_images, list_test_samples, load_images, load_mask, read_image, to_uint8, train_folder  # noqa: E402
 from diffad.demo import VIEW_TIMESTEPS  # noqa: E402
 from diffad.evaluate import METRIC_NAMES, ScoredSet, metrics_for, score_test_set  # noqa: E402
 from diffad.metrics import evaluate_maps  # noqa: E402
@@ -61,7 +61,7 @@ def training_split(detector, root: Path) -> torch.Tensor:
 
 
 def baseline_sets(detector, train_images: torch.Tensor, reference: ScoredSet) -> dict[str, dict]:
-    test = torch.stack([to_tensor(read_image(p), detector.resolution) for p in reference.paths])
+    test = torch.stack([detector.preprocess(p) for p in reference.paths])
     results = {}
     for name, model in (("PaDiM (same backbone)", PaDiM(detector.backbone)), ("PatchCore 10% (same backbone)", PatchCore(detector.backbone))):
         start = time.time()
@@ -79,7 +79,7 @@ def baseline_sets(detector, train_images: torch.Tensor, reference: ScoredSet) ->
 
 def latency(detector, paths, threads: int, repeats: int = 7) -> dict:
     torch.set_num_threads(threads)
-    images = [to_tensor(read_image(p), detector.resolution) for p in paths[:repeats]]
+    images = [detector.preprocess(p) for p in paths[:repeats]]
     detector.predict(images[0])  # warm-up
     score_times, view_times = [], []
     for image in images:
@@ -100,7 +100,7 @@ DENOISER_TIMESTEPS = (5, 20, 100, 200, 400)
 def denoiser_quality(detector, root: Path, train_images: torch.Tensor, n_images: int = 8, seed: int = 0) -> dict:
     """Noise-prediction error by timestep on good test images: how well the model knows what normal looks like."""
     paths = list_images(root / "test" / "good")[:n_images]
-    x0 = torch.stack([to_tensor(read_image(p), detector.resolution) for p in paths]).to(detector.device)
+    x0 = torch.stack([detector.preprocess(p) for p in paths]).to(detector.device)
     # Reference: the noise estimate a model would make if it answered every x_t with the mean training image.
     mean_image = train_images.mean(dim=0, keepdim=True).expand_as(x0).to(detector.device)
     generator = torch.Generator().manual_seed(seed)
@@ -232,8 +232,8 @@ def markdown(results: dict) -> str:
                     f"### Morph ({m['images']} defective test images, default settings (focus = {m['focus']:g}); "
                     f"{sum(row['loops'] == 0 for row in m.get('rows', []))} of them already scored normal, needed no morph "
                     f"and are left out of these figures)", "",
-                    f"- final score below the normal threshold: **{m['normal_after_fraction']:.0%}**"
-                    + (f" within {m['max_loops']} loops (loops used: {', '.join(map(str, sorted(m['loops_used'])))})" if "loops_used" in m else ""),
+                    f"- final score below the normal threshold: **{m['normal_after_fraction']:.0%}** within {m['max_loops']} loops "
+                    f"(loops used: {', '.join(map(str, sorted(m['loops_used'])))})",
                     f"- PSNR outside the defect mask, morph vs input: **{m['median_psnr_outside_mask_db']:.1f} dB** (median)",
                     f"- same for a plain diffusion reconstruction (noise to t = 200, denoise back): {m['median_reconstruction_psnr_outside_mask_db']:.1f} dB",
                     f"- mean absolute change inside the mask: {m['median_abs_change_inside_mask']:.1f} grey levels (median)",
@@ -251,7 +251,7 @@ def markdown(results: dict) -> str:
                 f"- cold start to first served page: {a['cold_start_to_first_page_s']:.1f} s",
                 f"- analysis round trip ({a['category']}, 12 timesteps for the slider): {a['analysis_round_trip_s']:.2f} s",
                 f"- timestep slider round trip: {a['timestep_slider_round_trip_s'] * 1000:.0f} ms; threshold: {a['threshold_round_trip_s'] * 1000:.0f} ms",
-                f"- morph round trip (default settings, up to {a.get('morph_max_loops', 8)} loops): {a['morph_round_trip_s']:.1f} s", ""]
+                f"- morph round trip (default settings, up to {a['morph_max_loops']} loops): {a['morph_round_trip_s']:.1f} s", ""]
     if results.get("reliability"):
         out += reliability_markdown(results["reliability"])
     return "\n".join(out)

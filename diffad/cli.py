@@ -12,6 +12,7 @@ from PIL import Image
 
 from .checkpoint import CheckpointError, load_checkpoint
 from .data import IMAGE_SUFFIXES, DataError, list_images, to_uint8
+from .examples import POLISH_LOOPS
 from .morph import MorphConfig
 
 log = logging.getLogger("diffad")
@@ -71,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     examples.add_argument("--out", required=True)
     examples.add_argument("--seed", type=int, default=0)
     examples.add_argument("--defects", nargs="+", default=None, help="defect types (default: all of diffad.synth's)")
-    examples.add_argument("--polish-loops", type=int, default=16,
+    examples.add_argument("--polish-loops", type=int, default=POLISH_LOOPS,
                           help="morph each sample for up to this many loops until it scores normal (0: raw samples)")
 
     push = sub.add_parser("push", help="upload a category checkpoint to a Hugging Face Hub repo")

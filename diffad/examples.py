@@ -22,6 +22,7 @@ from .morph import MorphConfig, morph
 from .synth import add_defect
 
 DEFAULT_DEFECTS = ("scratch", "hole", "stain", "crack", "particle", "colour_spot")
+POLISH_LOOPS = 16
 
 
 def normal_sample(detector: AnomalyDetector, mean_image, t_start: int, seed: int, polish_loops: int) -> tuple[np.ndarray, dict]:
@@ -35,7 +36,7 @@ def normal_sample(detector: AnomalyDetector, mean_image, t_start: int, seed: int
 
 
 def make_examples(detector: AnomalyDetector, data, out, n_normal: int = 2, defects=DEFAULT_DEFECTS, seed: int = 0,
-                  t_start: int = 250, polish_loops: int = 16) -> dict:
+                  t_start: int = 250, polish_loops: int = POLISH_LOOPS) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     images, _, _ = load_images(list_images(train_folder(data)), detector.resolution)
