@@ -49,7 +49,9 @@ def ablations(base):
         "2 timesteps (20/200)": replace(base, timesteps=(20, 200)),
         "5 timesteps (5/20/100/200/400)": replace(base, timesteps=(5, 20, 100, 200, 400)),
         "default + Gaussian smoothing (sigma 4)": replace(base, smoothing_sigma=4.0),
-        "one normal mean per map, not per position (the paper)": replace(base, centre_by_position=False),
+        "one normal mean per timestep, not per position": replace(base, centre_by_position=False),
+        "every map z-normalised by its own mean and std, per image": replace(base, normalisation="per_image"),
+        "pixel KL only, z-normalised per image (the paper's code)": replace(base, alpha=1.0, normalisation="per_image"),
     }
 
 
@@ -73,7 +75,8 @@ def baseline_sets(detector, train_images: torch.Tensor, reference: ScoredSet) ->
             maps.append(m.astype(np.float16))
         seconds = time.time() - start
         scored = dataclasses.replace(reference, scores=np.concatenate(scores), maps=np.concatenate(maps))
-        results[name] = {**evaluate_maps(scored.labels, scored.scores, scored.masks, scored.maps), "seconds_fit_and_test": round(seconds, 1)}
+        metrics = metrics_for(scored)
+        results[name] = {**metrics.pop("overall"), "seconds_fit_and_test": round(seconds, 1), "per_defect": metrics}
     return results
 
 
@@ -209,6 +212,7 @@ def markdown(results: dict) -> str:
                 "|---" * (len(METRIC_NAMES) + 2) + "|"]
         for subset, m in r["metrics"].items():
             out.append(f"| {subset} | " + " | ".join(fmt(m[k]) for k in METRIC_NAMES) + f" | {m['images']} |")
+        out += per_defect_comparison(r)
         out += ["", "### Ablation", "", "| variant | " + " | ".join(METRIC_NAMES) + " |", "|---" * (len(METRIC_NAMES) + 1) + "|"]
         for name, m in r["ablation"].items():
             out.append(f"| {name} | " + " | ".join(fmt(m[k]) for k in METRIC_NAMES) + " |")
@@ -255,6 +259,20 @@ def markdown(results: dict) -> str:
     if results.get("reliability"):
         out += reliability_markdown(results["reliability"])
     return "\n".join(out)
+
+
+def per_defect_comparison(r: dict) -> list[str]:
+    """Pixel AUROC / AUPRO of diffad and each baseline, per defect type (each type together with the good images)."""
+    baselines = {name: m["per_defect"] for name, m in r["baselines"].items() if "per_defect" in m}
+    if not baselines:
+        return []
+    names = ["diffad", *baselines]
+    out = ["", "### Per defect type against the baselines (pixel AUROC / AUPRO)", "", "| subset | " + " | ".join(names) + " |",
+           "|---" * (len(names) + 1) + "|"]
+    for subset, m in r["metrics"].items():
+        cells = [m] + [r["baselines"][name] if subset == "overall" else per_defect[subset] for name, per_defect in baselines.items()]
+        out.append(f"| {subset} | " + " | ".join(f"{fmt(c['pixel_auroc'])} / {fmt(c['aupro'])}" for c in cells) + " |")
+    return out
 
 
 def write_results(results: dict, out: Path) -> None:
@@ -306,6 +324,8 @@ def main(argv=None):
     parser.add_argument("--morph-only", action="store_true", help="re-measure only the morph section")
     parser.add_argument("--latency-only", action="store_true", help="re-measure only speed (on an otherwise idle machine)")
     parser.add_argument("--denoiser-only", action="store_true", help="re-measure only the denoiser's error by timestep")
+    parser.add_argument("--quality-only", action="store_true",
+                        help="re-measure only the metrics, ablation and baselines (keep the stored denoiser, speed and morph)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -352,9 +372,12 @@ def main(argv=None):
             "ablation": {name: evaluate_maps(s.labels, s.scores, s.masks, s.maps) for name, s in variants.items()},
         }
         train_images = training_split(detector, root)
-        r["denoiser"] = denoiser_quality(detector, root, train_images)
         print(f"[{category}] baselines")
         r["baselines"] = baseline_sets(detector, train_images, default)
+        if args.quality_only:
+            results["categories"][category] = {**results["categories"].get(category, {}), **r}
+            continue
+        r["denoiser"] = denoiser_quality(detector, root, train_images)
         print(f"[{category}] latency")
         r["latency"] = latency(detector, default.paths, args.threads)
         if args.morph_images:

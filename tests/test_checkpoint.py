@@ -206,6 +206,24 @@ def test_position_means_centre_each_pixel_on_normal_images(tiny_checkpoint, tiny
     assert np.abs(detector.combine(steps, per_map).anomaly).max() > 0.1
 
 
+def test_per_image_normalisation_ignores_calibration_scale_and_offset(tiny_checkpoint, tiny_dataset):
+    detector = load_checkpoint(tiny_checkpoint)
+    image = detector.preprocess(sorted((tiny_dataset / "test" / "good").iterdir())[0])
+    steps = detector.raw_steps(image[None], detector.scoring.timesteps)[0]
+    per_image = dataclasses.replace(detector.scoring, normalisation="per_image", alpha=1.0)
+    calibrated = dataclasses.replace(detector.scoring, alpha=1.0)
+    before = detector.combine(steps, per_image).anomaly, detector.combine(steps, calibrated).anomaly
+    # Each timestep's map becomes mean 0, std 1 on its own, so the sum over timesteps has mean 0.
+    assert abs(before[0].mean()) < 1e-4
+    for step in steps:
+        step.kl = 7.0 * step.kl + 3.0
+    after = detector.combine(steps, per_image).anomaly, detector.combine(steps, calibrated).anomaly
+    np.testing.assert_allclose(after[0], before[0], atol=1e-4)
+    assert np.abs(after[1] - before[1]).max() > 1.0
+    with pytest.raises(ValueError, match="normalisation"):
+        dataclasses.replace(detector.scoring, normalisation="per_batch")
+
+
 def test_checkpoints_without_position_means_still_load_and_tampered_ones_are_refused(tiny_checkpoint, tiny_dataset, tmp_path):
     folder = copy_of(tiny_checkpoint, tmp_path)
     weights = folder / "model.safetensors"

@@ -1,3 +1,5 @@
+import math
+
 import torch
 from diffusers import DDPMScheduler
 
@@ -24,6 +26,24 @@ def test_kl_map_is_zero_when_model_matches_posterior():
     assert kl.abs().max() < 1e-4
     wrong = diffusion.kl_map(x0, xt, t, noise + 0.5, -torch.ones_like(x0))
     assert (wrong > 1e-3).all()
+
+
+def test_kl_map_is_a_variance_weighted_squared_x0_error():
+    """The KL map's mean term is coef1^2 (x0 - x0_hat)^2 / (2 var_p): with a uniform learned variance it ranks pixels
+    exactly as the squared RGB error |x0_hat - x0|^2 does (why the KL-only and RGB-only ablations agree)."""
+    diffusion = GaussianDiffusion()
+    g = torch.Generator().manual_seed(2)
+    x0, noise, eps = (torch.randn(1, 3, 8, 8, generator=g) for _ in range(3))
+    for t, v in ((20, -1.0), (400, 0.3)):
+        xt = diffusion.q_sample(x0, t, noise)
+        x0_hat = diffusion.predict_x0(xt, t, eps)
+        log_var_p = diffusion.model_log_variance(t, torch.full_like(x0, v))
+        _, log_var_q = diffusion.q_posterior(x0, xt, t)
+        variance_term = 0.5 * (log_var_p - log_var_q - 1 + torch.exp(log_var_q - log_var_p))
+        mean_term = 0.5 * diffusion.posterior_mean_coef1[t].float() ** 2 * (x0 - x0_hat) ** 2 * torch.exp(-log_var_p)
+        expected = (variance_term + mean_term).mean(dim=1) / math.log(2.0)
+        kl = diffusion.kl_map(x0, xt, t, eps, torch.full_like(x0, v))
+        assert torch.allclose(kl, expected, rtol=1e-4, atol=1e-6)
 
 
 def test_maths_agree_with_diffusers_scheduler():
