@@ -227,7 +227,7 @@ def make_app(registry: CheckpointRegistry) -> gr.Blocks:
                 step_size = gr.Slider(0.005, 0.1, value=MorphConfig.step_size, step=0.005, label="Step size s")
                 denoise_every = gr.Slider(1, 20, value=MorphConfig.denoise_every, step=1, label="Denoise every N_d steps")
                 loops = gr.Slider(1, MAX_MORPH_LOOPS, value=MorphConfig.max_loops, step=1, label="Max loops")
-                seed = gr.Number(0, precision=0, minimum=0, maximum=2**32 - 1, label="Seed")
+                seed = gr.Number(MorphConfig.seed, precision=0, minimum=0, maximum=2**32 - 1, label="Seed")
                 keep_normal = gr.Checkbox(True, label="Only change what looks anomalous (off: the paper's morph)")
             morph_button = gr.Button("Morph", variant="primary", elem_id="morph")
             morph_status = gr.Markdown()

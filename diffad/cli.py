@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     morph.add_argument("--step-size", type=float, default=MorphConfig.step_size)
     morph.add_argument("--denoise-every", type=int, default=MorphConfig.denoise_every)
     morph.add_argument("--loops", type=int, default=MorphConfig.max_loops)
-    morph.add_argument("--seed", type=int, default=0)
+    morph.add_argument("--seed", type=int, default=MorphConfig.seed)
     morph.add_argument("--focus", type=float, default=MorphConfig.focus,
                        help="above 0: change pixels by how anomalous they look (keeps normal detail); 0: the paper's morph")
 
