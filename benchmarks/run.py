@@ -29,6 +29,7 @@ from diffad.demo import VIEW_TIMESTEPS  # noqa: E402
 from diffad.evaluate import METRIC_NAMES, ScoredSet, metrics_for, score_test_set  # noqa: E402
 from diffad.metrics import evaluate_maps  # noqa: E402
 from diffad.morph import MorphConfig, morph  # noqa: E402
+from diffad.scoring import top_k_mean  # noqa: E402
 from diffad.train import split_holdout  # noqa: E402
 
 DATA = {
@@ -55,11 +56,29 @@ def ablations(base):
     }
 
 
-def training_split(detector, root: Path) -> torch.Tensor:
-    """The checkpoint's own training images (its held-out calibration images left out)."""
+# The score of reconstruction-based methods, one reading of the "RGB" score the paper's KL map beats: noise the
+# image to t, denoise it all the way back, take the pixel error.
+RECONSTRUCTION_T, RECONSTRUCTION_STEPS = 100, 10
+RECONSTRUCTION_ROW = (f"RGB error of a full reconstruction (noise to t = {RECONSTRUCTION_T}, {RECONSTRUCTION_STEPS} DDIM steps back: "
+                      "classic reconstruction scoring)")
+
+
+def data_split(detector, root: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The checkpoint's own training images and its held-out calibration images."""
     images, _, _ = load_images(list_images(train_folder(root)), detector.resolution)
-    train_idx, _ = split_holdout(len(images), detector.training.get("holdout_fraction", 0.15), detector.training.get("seed", 0))
-    return images[train_idx]
+    train_idx, hold_idx = split_holdout(len(images), detector.training.get("holdout_fraction", 0.15), detector.training.get("seed", 0))
+    return images[train_idx], images[hold_idx]
+
+
+def reconstruction_error_set(detector, holdout: torch.Tensor, reference: ScoredSet) -> ScoredSet:
+    """Mean-over-channels |x0 - reconstruction| maps, centred per position and scaled on the held-out normal images."""
+    def error_maps(images) -> np.ndarray:
+        return np.stack([(detector.reconstruct(x, RECONSTRUCTION_T, RECONSTRUCTION_STEPS) - x).abs().mean(0).numpy() for x in images])
+
+    normal = error_maps(holdout)
+    maps = (error_maps(detector.preprocess(p) for p in reference.paths) - normal.mean(0)) / normal.std()
+    scores = np.array([top_k_mean(m, detector.scoring.top_k) for m in maps])
+    return dataclasses.replace(reference, scores=scores, maps=maps.astype(np.float16))
 
 
 def baseline_sets(detector, train_images: torch.Tensor, reference: ScoredSet) -> dict[str, dict]:
@@ -112,12 +131,18 @@ def denoiser_quality(detector, root: Path, train_images: torch.Tensor, n_images:
         tt = torch.full((len(x0),), t, device=detector.device)
         noise = torch.randn(x0.shape, generator=generator).to(detector.device)
         xt = detector.diffusion.q_sample(x0, tt, noise)
-        eps = detector.net(xt, tt).eps
-        x0_hat = detector.diffusion.predict_x0(xt, tt, eps)
+        out = detector.net(xt, tt)
+        x0_hat = detector.diffusion.predict_x0(xt, tt, out.eps)
         eps_from_mean = detector.diffusion.predict_eps(xt, tt, mean_image)
-        rows[t] = {"noise_std": float(detector.diffusion.sqrt_one_minus_alphas_cumprod[t]), "eps_mse": float((eps - noise).pow(2).mean()),
+        # Per pixel, the KL is the squared x0 error divided by the learned variance (plus a variance-only term); the
+        # variance can only move between the posterior's and beta_t, so this ratio bounds how much it can re-rank pixels.
+        log_variance = detector.diffusion.model_log_variance(tt, out.v).mean(dim=1)
+        variance_range = float((detector.diffusion.betas[t].log() - detector.diffusion.posterior_log_variance_clipped[t]).exp())
+        rows[t] = {"noise_std": float(detector.diffusion.sqrt_one_minus_alphas_cumprod[t]), "eps_mse": float((out.eps - noise).pow(2).mean()),
                    "x0_rmse": float((x0_hat - x0).pow(2).mean().sqrt()),
-                   "mean_image_eps_mse": float((eps_from_mean - noise).pow(2).mean())}
+                   "mean_image_eps_mse": float((eps_from_mean - noise).pow(2).mean()),
+                   "variance_range": variance_range,
+                   "log_variance_spatial_std": float(log_variance.flatten(1).std(dim=1).mean())}
     return {"images": len(paths), "rows": rows}
 
 
@@ -219,9 +244,10 @@ def markdown(results: dict) -> str:
         if r.get("denoiser"):
             d = r["denoiser"]
             out += ["", f"### Denoiser ({d['images']} good test images; noise std and x̂0 RMSE in pixel units of [-1, 1])", "",
-                    "| t | noise std | ε-MSE | x̂0 RMSE | ε-MSE if x̂0 were the mean training image |", "|---|---|---|---|---|"]
-            out += [f"| {t} | {row['noise_std']:.3f} | {row['eps_mse']:.3f} | {row['x0_rmse']:.3f} | {row['mean_image_eps_mse']:.3f} |"
-                    for t, row in d["rows"].items()]
+                    "| t | noise std | ε-MSE | x̂0 RMSE | ε-MSE if x̂0 were the mean training image | β_t / β̃_t (most the learned "
+                    "variance can re-weight the KL) | learned log-variance, std across the image |", "|---|---|---|---|---|---|---|"]
+            out += [f"| {t} | {row['noise_std']:.3f} | {row['eps_mse']:.3f} | {row['x0_rmse']:.3f} | {row['mean_image_eps_mse']:.3f} "
+                    f"| {row['variance_range']:.3f} | {row['log_variance_spatial_std']:.4f} |" for t, row in d["rows"].items()]
         lat = r["latency"]
         out += ["", f"### Speed ({lat['threads']} CPU threads, medians)", "",
                 f"- scoring one image (3 timesteps, KL + feature maps): **{lat['score_one_image_s']:.3f} s**",
@@ -346,7 +372,7 @@ def main(argv=None):
             print(category, r["latency"], timing)
             continue
         if args.denoiser_only:
-            results["categories"][category]["denoiser"] = denoiser_quality(detector, root, training_split(detector, root))
+            results["categories"][category]["denoiser"] = denoiser_quality(detector, root, data_split(detector, root)[0])
             continue
         chosen = ablations(detector.scoring)
         if args.ablation == "core":
@@ -369,7 +395,11 @@ def main(argv=None):
             "metrics": metrics_for(default),
             "ablation": {name: evaluate_maps(s.labels, s.scores, s.masks, s.maps) for name, s in variants.items()},
         }
-        train_images = training_split(detector, root)
+        train_images, holdout = data_split(detector, root)
+        if args.ablation == "full":
+            print(f"[{category}] reconstruction-error ablation")
+            s = reconstruction_error_set(detector, holdout, default)
+            r["ablation"][RECONSTRUCTION_ROW] = evaluate_maps(s.labels, s.scores, s.masks, s.maps)
         print(f"[{category}] baselines")
         r["baselines"] = baseline_sets(detector, train_images, default)
         if args.quality_only:
