@@ -24,13 +24,13 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.baselines import PaDiM, PatchCore  # noqa: E402
 from diffad import load_checkpoint  # noqa: E402
-from diffad.data import list_images, list_test_samples, load_images, load_mask, read_image, to_uint8, train_folder  # noqa: E402
+from diffad.data import list_images, list_test_samples, load_mask, read_image, to_uint8  # noqa: E402
 from diffad.demo import VIEW_TIMESTEPS  # noqa: E402
 from diffad.evaluate import METRIC_NAMES, ScoredSet, metrics_for, score_test_set  # noqa: E402
 from diffad.metrics import evaluate_maps  # noqa: E402
 from diffad.morph import MorphConfig, morph  # noqa: E402
 from diffad.scoring import top_k_mean  # noqa: E402
-from diffad.train import split_holdout  # noqa: E402
+from diffad.train import checkpoint_split  # noqa: E402
 
 DATA = {
     "bottle": ROOT.parent / "shared" / "data" / "mvtec_ad" / "bottle",
@@ -63,28 +63,20 @@ RECONSTRUCTION_ROW = (f"RGB error of a full reconstruction (noise to t = {RECONS
                       "classic reconstruction scoring)")
 
 
-def data_split(detector, root: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """The checkpoint's own training images and its held-out calibration images."""
-    images, _, _ = load_images(list_images(train_folder(root)), detector.resolution)
-    train_idx, hold_idx = split_holdout(len(images), detector.training.get("holdout_fraction", 0.15), detector.training.get("seed", 0))
-    return images[train_idx], images[hold_idx]
-
-
-def reconstruction_error_set(detector, holdout: torch.Tensor, reference: ScoredSet) -> ScoredSet:
+def reconstruction_error_set(detector, holdout: torch.Tensor, test: torch.Tensor, reference: ScoredSet) -> ScoredSet:
     """Mean-over-channels |x0 - reconstruction| maps, centred per position and scaled on the held-out normal images."""
     def error_maps(images) -> np.ndarray:
         return np.stack([(detector.reconstruct(x, RECONSTRUCTION_T, RECONSTRUCTION_STEPS) - x).abs().mean(0).numpy() for x in images])
 
     normal = error_maps(holdout)
-    maps = (error_maps(detector.preprocess(p) for p in reference.paths) - normal.mean(0)) / normal.std()
+    maps = (error_maps(test) - normal.mean(0)) / normal.std()
     scores = np.array([top_k_mean(m, detector.scoring.top_k) for m in maps])
     return dataclasses.replace(reference, scores=scores, maps=maps.astype(np.float16))
 
 
-def baseline_sets(detector, train_images: torch.Tensor, reference: ScoredSet) -> dict[str, dict]:
-    test = torch.stack([detector.preprocess(p) for p in reference.paths])
+def baseline_sets(train_images: torch.Tensor, test: torch.Tensor, backbone, reference: ScoredSet) -> dict[str, dict]:
     results = {}
-    for name, model in (("PaDiM (same backbone)", PaDiM(detector.backbone)), ("PatchCore 10% (same backbone)", PatchCore(detector.backbone))):
+    for name, model in (("PaDiM (same backbone)", PaDiM(backbone)), ("PatchCore 10% (same backbone)", PatchCore(backbone))):
         start = time.time()
         model.fit(train_images)
         scores, maps = [], []
@@ -372,7 +364,7 @@ def main(argv=None):
             print(category, r["latency"], timing)
             continue
         if args.denoiser_only:
-            results["categories"][category]["denoiser"] = denoiser_quality(detector, root, data_split(detector, root)[0])
+            results["categories"][category]["denoiser"] = denoiser_quality(detector, root, checkpoint_split(detector, root)[0])
             continue
         chosen = ablations(detector.scoring)
         if args.ablation == "core":
@@ -395,13 +387,14 @@ def main(argv=None):
             "metrics": metrics_for(default),
             "ablation": {name: evaluate_maps(s.labels, s.scores, s.masks, s.maps) for name, s in variants.items()},
         }
-        train_images, holdout = data_split(detector, root)
+        train_images, holdout = checkpoint_split(detector, root)
+        test = torch.stack([detector.preprocess(p) for p in default.paths])
         if args.ablation == "full":
             print(f"[{category}] reconstruction-error ablation")
-            s = reconstruction_error_set(detector, holdout, default)
+            s = reconstruction_error_set(detector, holdout, test, default)
             r["ablation"][RECONSTRUCTION_ROW] = evaluate_maps(s.labels, s.scores, s.masks, s.maps)
         print(f"[{category}] baselines")
-        r["baselines"] = baseline_sets(detector, train_images, default)
+        r["baselines"] = baseline_sets(train_images, test, detector.backbone, default)
         if args.quality_only:
             results["categories"][category] = {**results["categories"].get(category, {}), **r}
             continue

@@ -217,6 +217,13 @@ def _write_checkpoint(net, ema, config, category, holdout, feature_mean, feature
     log.info("step %d: checkpoint written to %s (threshold %.3f)", step, config.out, detector.calibration.image_threshold)
 
 
+def checkpoint_split(detector: AnomalyDetector, data) -> tuple[torch.Tensor, torch.Tensor]:
+    """The checkpoint's own training images and held-out calibration images in `data` (its seed and fraction)."""
+    images, _, _ = load_images(list_images(train_folder(data)), detector.resolution)
+    train_idx, hold_idx = split_holdout(len(images), detector.training.get("holdout_fraction", 0.15), detector.training.get("seed", 0))
+    return images[train_idx], images[hold_idx]
+
+
 def recalibrate(checkpoint, data) -> AnomalyDetector:
     """Re-measure the calibration and refit the morph's feature Gaussian of an existing checkpoint, in place.
 
@@ -226,11 +233,10 @@ def recalibrate(checkpoint, data) -> AnomalyDetector:
 
     detector = load_checkpoint(checkpoint)
     settings = detector.training
-    images, _, _ = load_images(list_images(train_folder(data)), detector.resolution)
-    train_idx, hold_idx = split_holdout(len(images), settings.get("holdout_fraction", 0.15), settings.get("seed", 0))
-    features = augmented_features(detector.backbone, images[train_idx], _augmentations(settings.get("augment", "flip")), detector.device)
-    gaussian = fit_feature_gaussian(detector.backbone, images[train_idx], features.flatten(0, 1),
+    train_images, holdout = checkpoint_split(detector, data)
+    features = augmented_features(detector.backbone, train_images, _augmentations(settings.get("augment", "flip")), detector.device)
+    gaussian = fit_feature_gaussian(detector.backbone, train_images, features.flatten(0, 1),
                                     settings.get("gaussian_dims", 64), settings.get("seed", 0))
-    detector.calibrate(images[hold_idx], CALIBRATED_TIMESTEPS)
+    detector.calibrate(holdout, CALIBRATED_TIMESTEPS)
     save_checkpoint(detector, checkpoint, extra_tensors=gaussian.to_tensors())
     return detector

@@ -54,3 +54,25 @@ def test_unresumable_state_is_a_clear_error(tiny_dataset, tmp_path):
     state.write_bytes(state.read_bytes()[:1000])
     with pytest.raises(DataError, match="cannot be resumed.*delete it to start over"):
         train(TrainConfig(**{**config.__dict__, "steps": 4}), progress=False)
+
+
+def test_recalibration_re_measures_on_the_training_holdout(tiny_checkpoint, tiny_dataset, tmp_path):
+    import shutil
+
+    import torch
+
+    from diffad.cli import main
+    from diffad.train import checkpoint_split
+
+    folder = tmp_path / "part"
+    shutil.copytree(tiny_checkpoint, folder, ignore=shutil.ignore_patterns("train_state.pt"))
+    original = load_checkpoint(folder)
+    train_images, holdout = checkpoint_split(original, tiny_dataset)
+    assert (len(train_images), len(holdout)) == (original.training["train_images"], original.training["holdout_images"])
+    assert not any(torch.equal(h, t) for h in holdout for t in train_images)
+    written = (folder / "model.safetensors").stat().st_mtime_ns
+    assert main(["calibrate", "--checkpoint", str(folder), "--data", str(tiny_dataset)]) == 0
+    assert (folder / "model.safetensors").stat().st_mtime_ns > written
+    # The same held-out images scored by the saved (fp16) weights give the scores training measured.
+    again = load_checkpoint(folder)
+    np.testing.assert_allclose(sorted(again.calibration.normal_scores), sorted(original.calibration.normal_scores), rtol=0.05)
