@@ -9,6 +9,7 @@ torch limited to --threads CPU threads (2 by default, like a free Hugging Face S
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import statistics
@@ -72,6 +73,20 @@ def reconstruction_error_set(detector, holdout: torch.Tensor, test: torch.Tensor
     maps = (error_maps(test) - normal.mean(0)) / normal.std()
     scores = np.array([top_k_mean(m, detector.scoring.top_k) for m in maps])
     return dataclasses.replace(reference, scores=scores, maps=maps.astype(np.float16))
+
+
+# Feature-residual pooling sizes measured in the full ablation (ScoringConfig.feature_pool), each calibrated anew.
+FEATURE_POOLS = (3, 9)
+
+
+def pooled_feature_sets(detector, holdout: torch.Tensor, root: Path, pool: int) -> dict[str, ScoredSet]:
+    """The default and feature-only scores with the feature residual averaged over pool x pool feature cells."""
+    pooled = copy.copy(detector)
+    pooled.scoring = dataclasses.replace(detector.scoring, feature_pool=pool)
+    pooled.extra_tensors, pooled.cache = dict(detector.extra_tensors), {}
+    pooled.calibrate(holdout, pooled.scoring.timesteps, select_smoothing=False)
+    name = f"feature residual averaged over {pool}x{pool} cells ({pool * pooled.backbone.stride} px) before squaring"
+    return score_test_set(pooled, root, {name: pooled.scoring, f"{name}, feature only": dataclasses.replace(pooled.scoring, alpha=0.0)})
 
 
 def baseline_sets(train_images: torch.Tensor, test: torch.Tensor, backbone, reference: ScoredSet) -> dict[str, dict]:
@@ -281,12 +296,18 @@ def markdown(results: dict) -> str:
 
 def per_defect_comparison(r: dict) -> list[str]:
     """Pixel AUROC / AUPRO of diffad and each baseline, per defect type (each type together with the good images)."""
-    baselines = {name: m["per_defect"] for name, m in r["baselines"].items()}
-    names = ["diffad", *baselines]
-    out = ["", "### Per defect type against the baselines (pixel AUROC / AUPRO)", "", "| subset | " + " | ".join(names) + " |",
-           "|---" * (len(names) + 1) + "|"]
-    for subset, m in r["metrics"].items():
-        cells = [m] + [r["baselines"][name] if subset == "overall" else per_defect[subset] for name, per_defect in baselines.items()]
+    columns = {"diffad": r["metrics"], **{name: {"overall": m, **m["per_defect"]} for name, m in r["baselines"].items()}}
+    out = ["", "### Per defect type against the baselines (pixel AUROC / AUPRO)", ""] + per_defect_table(r["metrics"], columns)
+    if r.get("pooled"):
+        out += ["", "### Per defect type with the feature residual pooled (ablation; pixel AUROC / AUPRO)", ""]
+        out += per_defect_table(r["metrics"], {"diffad (default)": r["metrics"], **r["pooled"]})
+    return out
+
+
+def per_defect_table(subsets, columns: dict) -> list[str]:
+    out = ["| subset | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for subset in subsets:
+        cells = [metrics[subset] for metrics in columns.values()]
         out.append(f"| {subset} | " + " | ".join(f"{fmt(c['pixel_auroc'])} / {fmt(c['aupro'])}" for c in cells) + " |")
     return out
 
@@ -393,6 +414,11 @@ def main(argv=None):
             print(f"[{category}] reconstruction-error ablation")
             s = reconstruction_error_set(detector, holdout, test, default)
             r["ablation"][RECONSTRUCTION_ROW] = evaluate_maps(s.labels, s.scores, s.masks, s.maps)
+            for pool in FEATURE_POOLS:
+                print(f"[{category}] feature residual pooled over {pool}x{pool} cells")
+                for name, s in pooled_feature_sets(detector, holdout, root, pool).items():
+                    r.setdefault("pooled", {})[name] = metrics_for(s)
+                    r["ablation"][name] = r["pooled"][name]["overall"]
         print(f"[{category}] baselines")
         r["baselines"] = baseline_sets(train_images, test, detector.backbone, default)
         if args.quality_only:

@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate = sub.add_parser("calibrate", help="re-measure calibration and refit the morph's feature model")
     calibrate.add_argument("--checkpoint", required=True, help="local category folder (rewritten in place)")
     calibrate.add_argument("--data", required=True, help="the category's training data (same folder as for train)")
+    calibrate.add_argument("--feature-pool", type=int, help="average the feature residual over K x K feature cells before "
+                           "squaring (odd K, 1 = off; helps large texture defects, blurs small ones); default: keep the checkpoint's")
 
     morph = sub.add_parser("morph", help="morph an image into a normal-looking one (GIF, MP4, before/after PNG)")
     _add_checkpoint_args(morph)
@@ -133,9 +135,9 @@ def cmd_evaluate(args) -> int:
 def cmd_calibrate(args) -> int:
     from .train import recalibrate
 
-    detector = recalibrate(args.checkpoint, args.data)
+    detector = recalibrate(args.checkpoint, args.data, feature_pool=args.feature_pool)
     print(f"{args.checkpoint}: image threshold {detector.calibration.image_threshold:.3f}, "
-          f"pixel threshold {detector.calibration.pixel_threshold:.3f}")
+          f"pixel threshold {detector.calibration.pixel_threshold:.3f}, feature pool {detector.scoring.feature_pool}")
     return 0
 
 

@@ -40,6 +40,8 @@ class Calibration:
     step_stats: dict = field(default_factory=dict)
     # Smoothing chosen on synthetic defects pasted into held-out normal images: sigma -> validation metrics.
     smoothing_validation: dict = field(default_factory=dict)
+    # The feature-residual pooling the statistics were measured with (ScoringConfig.feature_pool).
+    feature_pool: int = 1
 
     def percentile(self, score: float) -> float:
         if not self.normal_scores:
@@ -157,7 +159,8 @@ class AnomalyDetector:
         noise = torch.randn(x0.shape[1:], generator=generator).expand_as(x0).contiguous()
         x0 = x0.to(self.device)
         return step_maps(
-            self.net, self.diffusion, x0, self.normalized_features(x0), self.validate_timesteps(timesteps), noise.to(self.device)
+            self.net, self.diffusion, x0, self.normalized_features(x0), self.validate_timesteps(timesteps), noise.to(self.device),
+            self.scoring.feature_pool,
         )
 
     @torch.no_grad()
@@ -195,6 +198,10 @@ class AnomalyDetector:
 
     def combine(self, steps: list[StepMaps], scoring: ScoringConfig | None = None) -> CombinedMaps:
         scoring = scoring or self.scoring
+        if scoring.feature_pool != self.calibration.feature_pool:
+            raise ValueError(f"feature_pool {scoring.feature_pool} differs from the {self.calibration.feature_pool} this "
+                             f"{self.category} checkpoint was calibrated with: run diffad calibrate --feature-pool "
+                             f"{scoring.feature_pool} first")
         chosen = [s for s in steps if s.t in set(scoring.timesteps)]
         return combine(chosen, self.calibration.step_stats, scoring, self.position_means())
 
@@ -259,7 +266,7 @@ class AnomalyDetector:
                 values = np.stack([getattr(steps[i], kind) for steps in all_steps])
                 stats[str(t)][kind] = [float(values.mean()), float(values.std())]
                 means[i, k] = torch.from_numpy(values.mean(axis=0))
-        self.calibration = Calibration(step_stats=stats)
+        self.calibration = Calibration(step_stats=stats, feature_pool=self.scoring.feature_pool)
         # Full resolution: pooling them blurred the thin ring of border errors (magnetic_tile AUPRO 0.751 vs 0.776).
         self.extra_tensors["position_mean"] = means.half()
         self.extra_tensors["position_mean_timesteps"] = torch.tensor(timesteps, dtype=torch.int64)

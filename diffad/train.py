@@ -5,7 +5,7 @@ import copy
 import csv
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -224,14 +224,17 @@ def checkpoint_split(detector: AnomalyDetector, data) -> tuple[torch.Tensor, tor
     return images[train_idx], images[hold_idx]
 
 
-def recalibrate(checkpoint, data) -> AnomalyDetector:
+def recalibrate(checkpoint, data, feature_pool: int | None = None) -> AnomalyDetector:
     """Re-measure the calibration and refit the morph's feature Gaussian of an existing checkpoint, in place.
 
     Uses the same held-out split as training (same seed and fraction), so calibration never sees training images.
+    `feature_pool` (see `ScoringConfig`) replaces the checkpoint's before measuring.
     """
     from .checkpoint import load_checkpoint
 
     detector = load_checkpoint(checkpoint)
+    if feature_pool is not None:
+        detector.scoring = replace(detector.scoring, feature_pool=feature_pool)
     settings = detector.training
     train_images, holdout = checkpoint_split(detector, data)
     features = augmented_features(detector.backbone, train_images, _augmentations(settings.get("augment", "flip")), detector.device)
