@@ -9,7 +9,6 @@ torch limited to --threads CPU threads (2 by default, like a free Hugging Face S
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import statistics
@@ -79,11 +78,10 @@ def reconstruction_error_set(detector, holdout: torch.Tensor, test: torch.Tensor
 FEATURE_POOLS = (3, 9)
 
 
-def pooled_feature_sets(detector, holdout: torch.Tensor, root: Path, pool: int) -> dict[str, ScoredSet]:
+def pooled_feature_sets(checkpoint: Path, holdout: torch.Tensor, root: Path, pool: int) -> dict[str, ScoredSet]:
     """The default and feature-only scores with the feature residual averaged over pool x pool feature cells."""
-    pooled = copy.copy(detector)
-    pooled.scoring = dataclasses.replace(detector.scoring, feature_pool=pool)
-    pooled.extra_tensors, pooled.cache = dict(detector.extra_tensors), {}
+    pooled = load_checkpoint(checkpoint)  # its own copy: calibrating replaces the calibration and position means
+    pooled.scoring = dataclasses.replace(pooled.scoring, feature_pool=pool)
     pooled.calibrate(holdout, pooled.scoring.timesteps, select_smoothing=False)
     name = f"feature residual averaged over {pool}x{pool} cells ({pool * pooled.backbone.stride} px) before squaring"
     return score_test_set(pooled, root, {name: pooled.scoring, f"{name}, feature only": dataclasses.replace(pooled.scoring, alpha=0.0)})
@@ -416,7 +414,7 @@ def main(argv=None):
             r["ablation"][RECONSTRUCTION_ROW] = evaluate_maps(s.labels, s.scores, s.masks, s.maps)
             for pool in FEATURE_POOLS:
                 print(f"[{category}] feature residual pooled over {pool}x{pool} cells")
-                for name, s in pooled_feature_sets(detector, holdout, root, pool).items():
+                for name, s in pooled_feature_sets(checkpoint, holdout, root, pool).items():
                     r.setdefault("pooled", {})[name] = metrics_for(s)
                     r["ablation"][name] = r["pooled"][name]["overall"]
         print(f"[{category}] baselines")

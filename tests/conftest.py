@@ -40,6 +40,13 @@ def tiny_dataset(tmp_path_factory) -> Path:
     return make_dataset(tmp_path_factory.mktemp("data") / "part")
 
 
+def copy_of(checkpoint: Path, tmp_path: Path) -> Path:
+    """A writable copy of a checkpoint folder (same name), without its training state."""
+    target = tmp_path / checkpoint.name
+    shutil.copytree(checkpoint, target, ignore=shutil.ignore_patterns("train_state.pt"))
+    return target
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tiny_dataset, tmp_path_factory) -> Path:
     from diffad.train import TrainConfig, train

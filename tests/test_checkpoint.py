@@ -9,17 +9,11 @@ from safetensors.torch import load_file, save_file
 
 from diffad import CheckpointError, load_checkpoint
 from diffad.checkpoint import list_local_categories
-from tests.conftest import make_hub_cache
+from tests.conftest import copy_of, make_hub_cache
 
 
 def predict(detector, dataset):
     return detector.predict(sorted((dataset / "test" / "hole").iterdir())[0], view_timesteps=(5,))
-
-
-def copy_of(checkpoint, tmp_path):
-    target = tmp_path / checkpoint.name
-    shutil.copytree(checkpoint, target, ignore=shutil.ignore_patterns("train_state.pt"))
-    return target
 
 
 def test_round_trip_gives_identical_maps(tiny_checkpoint, tiny_dataset, tmp_path):

@@ -1,5 +1,4 @@
 import dataclasses
-import shutil
 
 import numpy as np
 import pytest
@@ -10,6 +9,7 @@ from diffad.cli import main
 from diffad.diffusion import GaussianDiffusion
 from diffad.models import NetOutput
 from diffad.scoring import ScoringConfig, step_maps
+from tests.conftest import copy_of
 
 
 class FixedFeatureNet:
@@ -47,8 +47,7 @@ def test_feature_pool_averages_out_texture_residual_and_keeps_a_coherent_offset(
 def test_feature_pool_is_odd_and_must_match_the_calibration(tiny_checkpoint, tiny_dataset, tmp_path):
     with pytest.raises(ValueError, match="odd"):
         ScoringConfig(feature_pool=4)
-    folder = tmp_path / "part"
-    shutil.copytree(tiny_checkpoint, folder, ignore=shutil.ignore_patterns("train_state.pt"))
+    folder = copy_of(tiny_checkpoint, tmp_path)
     detector = load_checkpoint(folder)
     image = detector.preprocess(sorted((tiny_dataset / "test" / "hole").iterdir())[0])
     pooled = dataclasses.replace(detector.scoring, feature_pool=3)

@@ -57,15 +57,13 @@ def test_unresumable_state_is_a_clear_error(tiny_dataset, tmp_path):
 
 
 def test_recalibration_re_measures_on_the_training_holdout(tiny_checkpoint, tiny_dataset, tmp_path):
-    import shutil
-
     import torch
 
     from diffad.cli import main
     from diffad.train import checkpoint_split
+    from tests.conftest import copy_of
 
-    folder = tmp_path / "part"
-    shutil.copytree(tiny_checkpoint, folder, ignore=shutil.ignore_patterns("train_state.pt"))
+    folder = copy_of(tiny_checkpoint, tmp_path)
     original = load_checkpoint(folder)
     train_images, holdout = checkpoint_split(original, tiny_dataset)
     assert (len(train_images), len(holdout)) == (original.training["train_images"], original.training["holdout_images"])
