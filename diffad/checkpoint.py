@@ -136,6 +136,10 @@ def load_folder(folder, device: str | torch.device = "cpu") -> AnomalyDetector:
         **stats,
     )
     try:
+        detector.check_calibrated_for(scoring)
+    except ValueError as exc:
+        raise CheckpointError(f"{folder / CONFIG_NAME}: {exc}") from exc
+    try:
         detector.position_means()
     except ValueError as exc:
         raise CheckpointError(f"{weights_path}: {exc}") from exc

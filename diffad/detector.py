@@ -196,12 +196,16 @@ class AnomalyDetector:
         maps = maps.float().numpy()
         return {int(t): {kind: maps[i, k] for k, kind in enumerate(MAP_KINDS)} for i, t in enumerate(timesteps.tolist())}
 
-    def combine(self, steps: list[StepMaps], scoring: ScoringConfig | None = None) -> CombinedMaps:
-        scoring = scoring or self.scoring
+    def check_calibrated_for(self, scoring: ScoringConfig) -> None:
+        """The calibration statistics hold only for maps made with the feature pooling they were measured with."""
         if scoring.feature_pool != self.calibration.feature_pool:
             raise ValueError(f"feature_pool {scoring.feature_pool} differs from the {self.calibration.feature_pool} this "
                              f"{self.category} checkpoint was calibrated with: run diffad calibrate --feature-pool "
                              f"{scoring.feature_pool} first")
+
+    def combine(self, steps: list[StepMaps], scoring: ScoringConfig | None = None) -> CombinedMaps:
+        scoring = scoring or self.scoring
+        self.check_calibrated_for(scoring)
         chosen = [s for s in steps if s.t in set(scoring.timesteps)]
         return combine(chosen, self.calibration.step_stats, scoring, self.position_means())
 

@@ -1,10 +1,11 @@
 import dataclasses
+import json
 
 import numpy as np
 import pytest
 import torch
 
-from diffad import load_checkpoint
+from diffad import CheckpointError, load_checkpoint
 from diffad.cli import main
 from diffad.diffusion import GaussianDiffusion
 from diffad.models import NetOutput
@@ -65,3 +66,13 @@ def test_feature_pool_is_odd_and_must_match_the_calibration(tiny_checkpoint, tin
     assert np.isfinite(prediction.score)
     # The option reaches the saved checkpoint's maps (the pooling itself is checked above).
     assert np.abs(prediction.feature_map - unpooled.feature_map).max() > 0.1
+
+
+def test_a_checkpoint_whose_pooling_differs_from_its_calibration_is_refused_on_load(tiny_checkpoint, tmp_path):
+    folder = copy_of(tiny_checkpoint, tmp_path)
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    config["scoring"]["feature_pool"] = 3  # edited by hand: the stored statistics were measured unpooled
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="config.json: feature_pool 3 differs .* diffad calibrate --feature-pool 3"):
+        load_checkpoint(folder)
