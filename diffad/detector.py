@@ -23,9 +23,15 @@ PIXEL_THRESHOLD_QUANTILE = 0.999
 SMOOTHING_CANDIDATES = (0.0, 2.0, 4.0, 8.0)
 
 
-@functools.lru_cache(maxsize=4)
 def shared_backbone(name: str = DEFAULT_BACKBONE) -> FeatureExtractor:
-    """One frozen backbone per name, shared by every loaded category."""
+    """One frozen backbone per name, shared by every loaded category and by training."""
+    return _backbone_named(name)
+
+
+# Behind a wrapper because lru_cache keys f() and f(DEFAULT_BACKBONE) apart: training (which moves its backbone
+# to the GPU) and the detector it calibrates would otherwise hold two copies on two devices.
+@functools.lru_cache(maxsize=4)
+def _backbone_named(name: str) -> FeatureExtractor:
     return FeatureExtractor(name)
 
 

@@ -51,6 +51,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     save_every: int = 500
+    # Wall-clock budget in minutes (None: none); training stops at the first step past it and saves there.
+    time_limit: float | None = None
     net: dict = field(default_factory=dict)
     scoring: dict = field(default_factory=dict)
 
@@ -132,7 +134,7 @@ def train(config: TrainConfig, progress: bool = True) -> Path:
 
     optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps)))
-    ema = EMAModel(net.parameters(), decay=config.ema_decay, use_ema_warmup=True, power=0.75)
+    ema = EMAModel(net.parameters(), decay=config.ema_decay, use_ema_warmup=True, power=0.75, foreach=True)
     out.mkdir(parents=True, exist_ok=True)
     step, elapsed = 0, 0.0
     generator = torch.Generator().manual_seed(config.seed)
@@ -151,6 +153,10 @@ def train(config: TrainConfig, progress: bool = True) -> Path:
     if step == 0:
         writer.writerow(["step", "loss", "mse", "vlb", "feature", "lr", "seconds"])
     mean, std = feature_mean.view(1, -1, 1, 1).to(device), feature_std.view(1, -1, 1, 1).to(device)
+    # Batches are gathered where the network runs: on a GPU, per-step host-to-device copies of images and
+    # features would cost more than the step itself.
+    train_images, cached = train_images.to(device), cached.to(device)
+    deadline = None if config.time_limit is None else time.time() + 60 * config.time_limit
     bar = tqdm(total=config.steps, initial=step, disable=not progress, desc=f"train {category}", unit="step")
     net.train()
     start = time.time() - elapsed
@@ -158,7 +164,7 @@ def train(config: TrainConfig, progress: bool = True) -> Path:
         idx = torch.randint(0, len(train_images), (config.batch_size,), generator=generator)
         aug = torch.randint(0, len(augmentations), (config.batch_size,), generator=generator)
         x0 = torch.stack([_apply(train_images[i], *augmentations[a]) for i, a in zip(idx.tolist(), aug.tolist())]).to(device)
-        target = ((cached[aug, idx].float().to(device)) - mean) / std
+        target = (cached[aug, idx].float() - mean) / std
         t = torch.randint(1, config.t_max + 1, (config.batch_size,), generator=generator).to(device)
         noise = torch.randn(x0.shape, generator=generator).to(device)
         xt = diffusion.q_sample(x0, t, noise)
@@ -181,7 +187,8 @@ def train(config: TrainConfig, progress: bool = True) -> Path:
             writer.writerow([step, f"{loss.item():.5f}", f"{mse.item():.5f}", f"{vlb.item():.5f}", f"{feat.item():.5f}", f"{scheduler.get_last_lr()[0]:.2e}", f"{time.time() - start:.1f}"])
             log_file.flush()
             bar.set_postfix(loss=f"{loss.item():.4f}", feat=f"{feat.item():.3f}")
-        if step % config.save_every == 0 or step == config.steps:
+        out_of_time = deadline is not None and time.time() >= deadline
+        if step % config.save_every == 0 or step == config.steps or out_of_time:
             elapsed = time.time() - start
             torch.save(
                 {
@@ -197,6 +204,9 @@ def train(config: TrainConfig, progress: bool = True) -> Path:
             )
             _write_checkpoint(net, ema, config, category, holdout, feature_mean, feature_std, gaussian, step, elapsed, len(train_idx), len(skipped), device)
             net.train()
+        if out_of_time:
+            log.info("time limit of %s min reached at step %d", config.time_limit, step)
+            break
     bar.close()
     log_file.close()
     return out
@@ -211,7 +221,7 @@ def _write_checkpoint(net, ema, config, category, holdout, feature_mean, feature
     detector = AnomalyDetector(
         ema_net, category=category, scoring=ScoringConfig.from_dict(config.scoring), training=training,
         feature_mean=feature_mean.to(device), feature_std=feature_std.to(device),
-    )
+    ).to(device)
     detector.calibrate(holdout, CALIBRATED_TIMESTEPS)
     save_checkpoint(detector, config.out, extra_tensors=gaussian.to_tensors())
     log.info("step %d: checkpoint written to %s (threshold %.3f)", step, config.out, detector.calibration.image_threshold)

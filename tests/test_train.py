@@ -34,6 +34,16 @@ def test_training_lowers_the_loss_and_resumes(tiny_dataset, tmp_path):
     assert detector.scoring.smoothing_sigma == float(best)
 
 
+def test_a_time_limit_stops_training_with_a_checkpoint_that_resumes(tiny_dataset, tmp_path):
+    out = tmp_path / "part"
+    config = TrainConfig(data=str(tiny_dataset), out=str(out), resolution=32, steps=50, batch_size=2, save_every=50,
+                         time_limit=0.0, net=TINY_NET)
+    train(config, progress=False)  # a zero budget runs one step and saves it, well before save_every
+    assert load_checkpoint(out).training["steps_done"] == 1 and (out / "train_state.pt").exists()
+    train(TrainConfig(**{**config.__dict__, "time_limit": None, "steps": 3}), progress=False)
+    assert [int(r["step"]) for r in read_log(out)][-1] == 3 and load_checkpoint(out).training["steps_done"] == 3
+
+
 def test_holdout_split_and_too_few_images(tmp_path):
     train_idx, hold_idx = split_holdout(20, 0.15, seed=0)
     assert len(hold_idx) == 3 and not set(train_idx) & set(hold_idx)
