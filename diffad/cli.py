@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--time-limit", type=float, metavar="MINUTES",
                        help="stop after this many minutes of training, saving the checkpoint there (--resume continues)")
     train.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
+    train.add_argument("--init-from", metavar="CHECKPOINT",
+                       help="start from this checkpoint's network (folder or Hub id): train it longer or fine-tune it")
     train.add_argument("--net", type=json.loads, default={}, help='network overrides as JSON, e.g. \'{"patch": 2}\'')
 
     evaluate = sub.add_parser("evaluate", help="metrics on an MVTec-layout test split")
@@ -118,7 +120,7 @@ def cmd_train(args) -> int:
     config = TrainConfig(
         data=args.data, out=args.out, category=args.category, resolution=args.resolution, steps=args.steps,
         batch_size=args.batch_size, lr=args.lr, augment=args.augment, seed=args.seed, device=args.device,
-        save_every=args.save_every, time_limit=args.time_limit, net=args.net,
+        save_every=args.save_every, init_from=args.init_from, time_limit=args.time_limit, net=args.net,
     )
     train(config)
     print(f"checkpoint written to {out}")

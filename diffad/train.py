@@ -13,7 +13,7 @@ import torch
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from .checkpoint import save_checkpoint, validate_category
+from .checkpoint import load_checkpoint, save_checkpoint, validate_category
 from .data import DataError, list_images, load_images, train_folder
 from .detector import AnomalyDetector, shared_backbone
 from .diffusion import GaussianDiffusion
@@ -51,6 +51,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     save_every: int = 500
+    # A checkpoint (folder or Hub id) whose network weights and layout start this run: continue or fine-tune it.
+    init_from: str | None = None
     # Wall-clock budget in minutes (None: none); training stops at the first step past it and saves there.
     time_limit: float | None = None
     net: dict = field(default_factory=dict)
@@ -119,8 +121,16 @@ def train(config: TrainConfig, progress: bool = True) -> Path:
     log.info("%d training, %d held-out images from %s (%d unreadable skipped)", len(train_idx), len(hold_idx), folder, len(skipped))
 
     backbone = shared_backbone().to(device)
-    net_config = NetConfig(resolution=config.resolution, feature_channels=backbone.channels, **config.net)
+    source = load_checkpoint(config.init_from).net if config.init_from else None
+    layout = {**(source.config.to_dict() if source else {}), **config.net}
+    net_config = NetConfig.from_dict({**layout, "resolution": config.resolution, "feature_channels": backbone.channels})
     net = DiffADNet(net_config).to(device)
+    if source is not None:
+        try:
+            net.load_state_dict(source.state_dict())
+        except RuntimeError as exc:
+            raise DataError(f"--init-from {config.init_from}: its network does not fit this run's layout (--net "
+                            f"overrides or another backbone): {str(exc).splitlines()[0]}") from exc
     state_path = out / STATE_NAME
     state = _load_state(state_path, net) if state_path.exists() else None  # before the slow feature caching
     diffusion = GaussianDiffusion()
@@ -240,8 +250,6 @@ def recalibrate(checkpoint, data, feature_pool: int | None = None) -> AnomalyDet
     Uses the same held-out split as training (same seed and fraction), so calibration never sees training images.
     `feature_pool` (see `ScoringConfig`) replaces the checkpoint's before measuring.
     """
-    from .checkpoint import load_checkpoint
-
     detector = load_checkpoint(checkpoint)
     if feature_pool is not None:
         detector.scoring = replace(detector.scoring, feature_pool=feature_pool)

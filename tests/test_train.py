@@ -44,6 +44,22 @@ def test_a_time_limit_stops_training_with_a_checkpoint_that_resumes(tiny_dataset
     assert [int(r["step"]) for r in read_log(out)][-1] == 3 and load_checkpoint(out).training["steps_done"] == 3
 
 
+def test_init_from_starts_with_the_checkpoints_network(tiny_checkpoint, tiny_dataset, tmp_path):
+    import torch
+
+    # lr 0: the run must end exactly where the source checkpoint's (fp16) weights began.
+    config = TrainConfig(data=str(tiny_dataset), out=str(tmp_path / "part"), resolution=32, steps=1, batch_size=2, lr=0.0,
+                         init_from=str(tiny_checkpoint))
+    train(config, progress=False)
+    source, continued = load_checkpoint(tiny_checkpoint), load_checkpoint(tmp_path / "part")
+    assert continued.net.config == source.net.config and continued.training["init_from"] == str(tiny_checkpoint)
+    for (name, a), b in zip(source.net.state_dict().items(), continued.net.state_dict().values()):
+        assert torch.equal(a, b), name
+    wider = {"head_channels": 2 * TINY_NET["head_channels"]}
+    with pytest.raises(DataError, match="--init-from .* does not fit this run's layout"):
+        train(TrainConfig(**{**config.__dict__, "out": str(tmp_path / "other"), "net": wider}), progress=False)
+
+
 def test_holdout_split_and_too_few_images(tmp_path):
     train_idx, hold_idx = split_holdout(20, 0.15, seed=0)
     assert len(hold_idx) == 3 and not set(train_idx) & set(hold_idx)
