@@ -173,7 +173,7 @@ def train(config: TrainConfig, progress: bool = True) -> Path:
     while step < config.steps:
         idx = torch.randint(0, len(train_images), (config.batch_size,), generator=generator)
         aug = torch.randint(0, len(augmentations), (config.batch_size,), generator=generator)
-        x0 = torch.stack([_apply(train_images[i], *augmentations[a]) for i, a in zip(idx.tolist(), aug.tolist())]).to(device)
+        x0 = torch.stack([_apply(train_images[i], *augmentations[a]) for i, a in zip(idx.tolist(), aug.tolist())])
         target = (cached[aug, idx].float() - mean) / std
         t = torch.randint(1, config.t_max + 1, (config.batch_size,), generator=generator).to(device)
         noise = torch.randn(x0.shape, generator=generator).to(device)
@@ -230,7 +230,7 @@ def _write_checkpoint(net, ema, config, category, holdout, feature_mean, feature
                     holdout_images=len(holdout), skipped_files=n_skipped, torch=torch.__version__)
     detector = AnomalyDetector(
         ema_net, category=category, scoring=ScoringConfig.from_dict(config.scoring), training=training,
-        feature_mean=feature_mean.to(device), feature_std=feature_std.to(device),
+        feature_mean=feature_mean, feature_std=feature_std,
     ).to(device)
     detector.calibrate(holdout, CALIBRATED_TIMESTEPS)
     save_checkpoint(detector, config.out, extra_tensors=gaussian.to_tensors())
