@@ -26,7 +26,7 @@ from benchmarks.baselines import PaDiM, PatchCore  # noqa: E402
 from diffad import load_checkpoint  # noqa: E402
 from diffad.data import list_images, list_test_samples, load_mask, read_image, to_uint8  # noqa: E402
 from diffad.demo import VIEW_TIMESTEPS  # noqa: E402
-from diffad.evaluate import METRIC_NAMES, ScoredSet, metrics_for, score_test_set  # noqa: E402
+from diffad.evaluate import METRIC_NAMES, ScoredSet, metrics_for, score_test_set, validation_split  # noqa: E402
 from diffad.metrics import evaluate_maps  # noqa: E402
 from diffad.morph import MorphConfig, morph  # noqa: E402
 from diffad.scoring import top_k_mean  # noqa: E402
@@ -74,21 +74,30 @@ def reconstruction_error_set(detector, holdout: torch.Tensor, test: torch.Tensor
     return dataclasses.replace(reference, scores=scores, maps=maps.astype(np.float16))
 
 
-# Feature-residual pooling sizes measured in the full ablation (ScoringConfig.feature_pool), each calibrated anew.
-FEATURE_POOLS = (3, 9)
+# Feature-residual pooling sizes measured in the full ablation (ScoringConfig.feature_pool), each calibrated anew;
+# the checkpoint's own is the default row.
+FEATURE_POOLS = ((1,), (3,), (9,), (1, 3, 9))
 
 
-def pooled_feature_sets(checkpoint: Path, holdout: torch.Tensor, root: Path, pool: int) -> dict[str, ScoredSet]:
-    """The default and feature-only scores with the feature residual averaged over pool x pool feature cells."""
+def pooling_name(pools, stride: int) -> str:
+    if pools == (1,):
+        return "feature residual not pooled"
+    if len(pools) == 1:
+        return f"feature residual averaged over {pools[0]}x{pools[0]} cells ({pools[0] * stride} px) before squaring"
+    return f"feature residual pooled over {', '.join(f'{k}x{k}' for k in pools)} cells, the calibrated maps averaged"
+
+
+def pooled_feature_sets(checkpoint: Path, holdout: torch.Tensor, root: Path, pools) -> dict[str, ScoredSet]:
+    """The default and feature-only scores with the feature residual averaged over these pooling sizes."""
     pooled = load_checkpoint(checkpoint)  # its own copy: calibrating replaces the calibration and position means
-    pooled.scoring = dataclasses.replace(pooled.scoring, feature_pool=pool)
+    pooled.scoring = dataclasses.replace(pooled.scoring, feature_pool=pools)
     pooled.calibrate(holdout, pooled.scoring.timesteps, select_smoothing=False)
-    name = f"feature residual averaged over {pool}x{pool} cells ({pool * pooled.backbone.stride} px) before squaring"
+    name = pooling_name(pooled.scoring.feature_pool, pooled.backbone.stride)
     return score_test_set(pooled, root, {name: pooled.scoring, f"{name}, feature only": dataclasses.replace(pooled.scoring, alpha=0.0)})
 
 
-def baseline_sets(train_images: torch.Tensor, test: torch.Tensor, backbone, reference: ScoredSet) -> dict[str, dict]:
-    results = {}
+def baseline_sets(train_images: torch.Tensor, test: torch.Tensor, backbone, reference: ScoredSet) -> tuple[dict[str, dict], dict[str, ScoredSet]]:
+    results, sets = {}, {}
     for name, model in (("PaDiM (same backbone)", PaDiM(backbone)), ("PatchCore 10% (same backbone)", PatchCore(backbone))):
         start = time.time()
         model.fit(train_images)
@@ -98,10 +107,17 @@ def baseline_sets(train_images: torch.Tensor, test: torch.Tensor, backbone, refe
             scores.append(s)
             maps.append(m.astype(np.float16))
         seconds = time.time() - start
-        scored = dataclasses.replace(reference, scores=np.concatenate(scores), maps=np.concatenate(maps))
-        metrics = metrics_for(scored)
+        sets[name] = dataclasses.replace(reference, scores=np.concatenate(scores), maps=np.concatenate(maps))
+        metrics = metrics_for(sets[name])
         results[name] = {**metrics.pop("overall"), "seconds_fit_and_test": round(seconds, 1), "per_defect": metrics}
-    return results
+    return results, sets
+
+
+def evaluation_split_metrics(sets: dict[str, ScoredSet]) -> dict:
+    """Every method on the test images outside select_feature_pool.py's validation split (the same images for all)."""
+    keep = ~validation_split(next(iter(sets.values())).defects)
+    return {"images": int(keep.sum()),
+            **{name: evaluate_maps(s.labels[keep], s.scores[keep], s.masks[keep], s.maps[keep]) for name, s in sets.items()}}
 
 
 def latency(detector, paths, threads: int, repeats: int = 7) -> dict:
@@ -238,6 +254,17 @@ def markdown(results: dict) -> str:
                 "| method | " + " | ".join(METRIC_NAMES) + " |", "|---" * (len(METRIC_NAMES) + 1) + "|"]
         for name, m in {**{"diffad": r["metrics"]["overall"]}, **r["baselines"]}.items():
             out.append(f"| {name} | " + " | ".join(fmt(m[k]) for k in METRIC_NAMES) + " |")
+        if r.get("evaluation_split"):
+            e = r["evaluation_split"]
+            pools = ",".join(map(str, r.get("feature_pool", [1])))
+            out += ["", f"### The same on the {e['images']} test images outside the validation split", "",
+                    f"The checkpoint's feature pooling ({pools}) was chosen on the other fifth of the test images "
+                    "(`benchmarks/select_feature_pool.py`, [feature_pool_selection.json](feature_pool_selection.json)); "
+                    "these images never took part in that choice.", "",
+                    "| method | " + " | ".join(METRIC_NAMES) + " |", "|---" * (len(METRIC_NAMES) + 1) + "|"]
+            for name, m in e.items():
+                if name != "images":
+                    out.append(f"| {name} | " + " | ".join(fmt(m[k]) for k in METRIC_NAMES) + " |")
         out += ["", "### Per defect type (diffad)", "", "| subset | " + " | ".join(METRIC_NAMES) + " | images |",
                 "|---" * (len(METRIC_NAMES) + 2) + "|"]
         for subset, m in r["metrics"].items():
@@ -404,6 +431,7 @@ def main(argv=None):
             "training": f"{t.get('steps_done')} steps, batch {t.get('batch_size')}, {t.get('seconds', 0) / 60:.0f} min on {t.get('device')} "
                         f"({t.get('train_images')} training + {t.get('holdout_images')} held-out images)",
             "metrics": metrics_for(default),
+            "feature_pool": list(detector.scoring.feature_pool),
             "ablation": {name: evaluate_maps(s.labels, s.scores, s.masks, s.maps) for name, s in variants.items()},
         }
         train_images, holdout = checkpoint_split(detector, root)
@@ -412,13 +440,16 @@ def main(argv=None):
             print(f"[{category}] reconstruction-error ablation")
             s = reconstruction_error_set(detector, holdout, test, default)
             r["ablation"][RECONSTRUCTION_ROW] = evaluate_maps(s.labels, s.scores, s.masks, s.maps)
-            for pool in FEATURE_POOLS:
-                print(f"[{category}] feature residual pooled over {pool}x{pool} cells")
-                for name, s in pooled_feature_sets(checkpoint, holdout, root, pool).items():
+            for pools in FEATURE_POOLS:
+                if pools == detector.scoring.feature_pool:
+                    continue
+                print(f"[{category}] feature residual pooled over {pools}")
+                for name, s in pooled_feature_sets(checkpoint, holdout, root, pools).items():
                     r.setdefault("pooled", {})[name] = metrics_for(s)
                     r["ablation"][name] = r["pooled"][name]["overall"]
         print(f"[{category}] baselines")
-        r["baselines"] = baseline_sets(train_images, test, detector.backbone, default)
+        r["baselines"], baselines = baseline_sets(train_images, test, detector.backbone, default)
+        r["evaluation_split"] = evaluation_split_metrics({"diffad": default, **baselines})
         if args.quality_only:
             results["categories"][category] = {**results["categories"].get(category, {}), **r}
             continue

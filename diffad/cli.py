@@ -14,6 +14,7 @@ from .checkpoint import CheckpointError, load_checkpoint
 from .data import IMAGE_SUFFIXES, DataError, list_images, to_uint8
 from .examples import POLISH_LOOPS
 from .morph import MorphConfig
+from .scoring import pool_sizes
 
 log = logging.getLogger("diffad")
 
@@ -58,8 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate = sub.add_parser("calibrate", help="re-measure calibration and refit the morph's feature model")
     calibrate.add_argument("--checkpoint", required=True, help="local category folder (rewritten in place)")
     calibrate.add_argument("--data", required=True, help="the category's training data (same folder as for train)")
-    calibrate.add_argument("--feature-pool", type=int, help="average the feature residual over K x K feature cells before "
-                           "squaring (odd K, 1 = off; helps large texture defects, blurs small ones); default: keep the checkpoint's")
+    calibrate.add_argument("--feature-pool", metavar="K[,K...]",
+                           help="average the feature residual over K x K feature cells before squaring (odd K, 1 = off; "
+                           "helps large texture defects, blurs small ones); several sizes, e.g. 1,3,9, average their "
+                           "calibrated maps; default: keep the checkpoint's")
 
     morph = sub.add_parser("morph", help="morph an image into a normal-looking one (GIF, MP4, before/after PNG)")
     _add_checkpoint_args(morph)
@@ -139,9 +142,11 @@ def cmd_evaluate(args) -> int:
 def cmd_calibrate(args) -> int:
     from .train import recalibrate
 
-    detector = recalibrate(args.checkpoint, args.data, feature_pool=args.feature_pool)
+    pools = None if args.feature_pool is None else pool_sizes(args.feature_pool)  # before touching the checkpoint
+    detector = recalibrate(args.checkpoint, args.data, feature_pool=pools)
     print(f"{args.checkpoint}: image threshold {detector.calibration.image_threshold:.3f}, "
-          f"pixel threshold {detector.calibration.pixel_threshold:.3f}, feature pool {detector.scoring.feature_pool}")
+          f"pixel threshold {detector.calibration.pixel_threshold:.3f}, "
+          f"feature pool {','.join(map(str, detector.scoring.feature_pool))}")
     return 0
 
 

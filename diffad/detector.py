@@ -7,18 +7,22 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .backbone import DEFAULT_BACKBONE, FeatureExtractor
 from .data import read_image, to_tensor, to_uint8
 from .diffusion import GaussianDiffusion
 from .models import DiffADNet
-from .scoring import MAP_KINDS, CombinedMaps, ScoringConfig, StepMaps, combine, step_maps
+from .scoring import CombinedMaps, ScoringConfig, StepMaps, combine, feature_kind, map_kinds, pool_sizes, step_maps
 
 FORMAT_VERSION = 1
 # Default verdict threshold: this quantile of the held-out normal images' scores.
 IMAGE_THRESHOLD_QUANTILE = 0.99
 # Default mask threshold: this quantile of the held-out normal images' pixel values.
 PIXEL_THRESHOLD_QUANTILE = 0.999
+# Position means of the extra (pooled) feature maps are stored this many times smaller: pooling over >= 3 feature
+# cells already makes them smooth, and full size would push a three-size checkpoint past 30 MB.
+POOLED_MEAN_DOWNSCALE = 4
 # Gaussian smoothing (sigma in pixels at the model resolution) tried when calibrating; 0 is none.
 SMOOTHING_CANDIDATES = (0.0, 2.0, 4.0, 8.0)
 
@@ -35,6 +39,12 @@ def _backbone_named(name: str) -> FeatureExtractor:
     return FeatureExtractor(name)
 
 
+def _position_mean_kinds(pools) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Map kinds whose position means are stored at full size, and the coarser pooled ones stored smaller."""
+    full = ("kl", feature_kind(min(pools)), "rgb")
+    return full, tuple(kind for kind in map_kinds(pools) if kind not in full)
+
+
 @dataclass
 class Calibration:
     """What normal looks like for this category, measured on held-out good images."""
@@ -46,8 +56,8 @@ class Calibration:
     step_stats: dict = field(default_factory=dict)
     # Smoothing chosen on synthetic defects pasted into held-out normal images: sigma -> validation metrics.
     smoothing_validation: dict = field(default_factory=dict)
-    # The feature-residual pooling the statistics were measured with (ScoringConfig.feature_pool).
-    feature_pool: int = 1
+    # The feature-residual pooling sizes the statistics were measured with (ScoringConfig.feature_pool).
+    feature_pool: tuple[int, ...] = (1,)
 
     def percentile(self, score: float) -> float:
         if not self.normal_scores:
@@ -55,11 +65,17 @@ class Calibration:
         return 100.0 * float(np.mean(np.asarray(self.normal_scores) <= score))
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        return {**self.__dict__, "feature_pool": list(self.feature_pool)}
 
     @classmethod
     def from_dict(cls, values: dict) -> "Calibration":
-        return cls(**{k: v for k, v in values.items() if k in cls.__dataclass_fields__})
+        values = {k: v for k, v in values.items() if k in cls.__dataclass_fields__}
+        pool = values.get("feature_pool", 1)
+        if isinstance(pool, int) and pool > 1:  # written when one size was all there was: its map was "feature"
+            values["step_stats"] = {t: {(feature_kind(pool) if kind == "feature" else kind): v for kind, v in kinds.items()}
+                                    for t, kinds in values.get("step_stats", {}).items()}
+        values["feature_pool"] = pool_sizes(pool)
+        return cls(**values)
 
 
 @dataclass
@@ -158,15 +174,17 @@ class AnomalyDetector:
         return ts
 
     @torch.no_grad()
-    def raw_steps(self, x0: torch.Tensor, timesteps, seed: int | None = None) -> list[list[StepMaps]]:
-        """Per-image, per-timestep raw maps for a batch (B, 3, R, R); deterministic for a seed."""
+    def raw_steps(self, x0: torch.Tensor, timesteps, seed: int | None = None, feature_pool=None) -> list[list[StepMaps]]:
+        """Per-image, per-timestep raw maps for a batch (B, 3, R, R); deterministic for a seed.
+
+        `feature_pool`: the pooling sizes to make feature maps for (default: this detector's scoring)."""
         seed = self.scoring.seed if seed is None else seed
         generator = torch.Generator().manual_seed(int(seed))
         noise = torch.randn(x0.shape[1:], generator=generator).expand_as(x0).contiguous()
         x0 = x0.to(self.device)
         return step_maps(
             self.net, self.diffusion, x0, self.normalized_features(x0), self.validate_timesteps(timesteps), noise.to(self.device),
-            self.scoring.feature_pool,
+            self.scoring.feature_pool if feature_pool is None else feature_pool,
         )
 
     @torch.no_grad()
@@ -195,19 +213,26 @@ class AnomalyDetector:
         maps, timesteps = self.extra_tensors.get("position_mean"), self.extra_tensors.get("position_mean_timesteps")
         if maps is None and timesteps is None:
             return None
-        size = self.resolution
-        if (maps is None or timesteps is None or timesteps.dim() != 1 or maps.shape != (len(timesteps), len(MAP_KINDS), size, size)
-                or not torch.isfinite(maps.float()).all()):
+        size, (kinds, pooled_kinds) = self.resolution, _position_mean_kinds(self.calibration.feature_pool)
+        pooled = self.extra_tensors.get("position_mean_pooled", torch.zeros(0))
+        small = size // POOLED_MEAN_DOWNSCALE
+        if (maps is None or timesteps is None or timesteps.dim() != 1 or maps.shape != (len(timesteps), len(kinds), size, size)
+                or (pooled_kinds and pooled.shape != (len(timesteps), len(pooled_kinds), small, small))
+                or not torch.isfinite(maps.float()).all() or not torch.isfinite(pooled.float()).all()):
             raise ValueError("the checkpoint's position-wise normal means have inconsistent shapes or values")
+        if pooled_kinds:
+            maps = torch.cat([maps.float(), F.interpolate(pooled.float(), size=(size, size), mode="bilinear", align_corners=False)], 1)
+            kinds += pooled_kinds
         maps = maps.float().numpy()
-        return {int(t): {kind: maps[i, k] for k, kind in enumerate(MAP_KINDS)} for i, t in enumerate(timesteps.tolist())}
+        return {int(t): {kind: maps[i, k] for k, kind in enumerate(kinds)} for i, t in enumerate(timesteps.tolist())}
 
     def check_calibrated_for(self, scoring: ScoringConfig) -> None:
-        """The calibration statistics hold only for maps made with the feature pooling they were measured with."""
-        if scoring.feature_pool != self.calibration.feature_pool:
-            raise ValueError(f"feature_pool {scoring.feature_pool} differs from the {self.calibration.feature_pool} this "
-                             f"{self.category} checkpoint was calibrated with: run diffad calibrate --feature-pool "
-                             f"{scoring.feature_pool} first")
+        """The calibration statistics hold only for maps made with the feature pooling sizes they were measured with."""
+        missing = set(scoring.feature_pool) - set(self.calibration.feature_pool)
+        if missing:
+            asked, calibrated = (",".join(map(str, pools)) for pools in (scoring.feature_pool, self.calibration.feature_pool))
+            raise ValueError(f"feature_pool {asked} is not among the sizes {calibrated} this {self.category} checkpoint "
+                             f"was calibrated with: run diffad calibrate --feature-pool {asked} first")
 
     def combine(self, steps: list[StepMaps], scoring: ScoringConfig | None = None) -> CombinedMaps:
         scoring = scoring or self.scoring
@@ -269,16 +294,23 @@ class AnomalyDetector:
         all_steps = []
         for start in range(0, len(normal_images), batch_size):
             all_steps += self.raw_steps(normal_images[start : start + batch_size], timesteps)
-        stats, means = {}, torch.zeros(len(timesteps), len(MAP_KINDS), self.resolution, self.resolution)
+        full_kinds, pooled_kinds = _position_mean_kinds(self.scoring.feature_pool)
+        kinds = full_kinds + pooled_kinds
+        stats, means = {}, torch.zeros(len(timesteps), len(kinds), self.resolution, self.resolution)
         for i, t in enumerate(timesteps):
             stats[str(t)] = {}
-            for k, kind in enumerate(MAP_KINDS):
-                values = np.stack([getattr(steps[i], kind) for steps in all_steps])
+            for k, kind in enumerate(kinds):
+                values = np.stack([steps[i].map(kind) for steps in all_steps])
                 stats[str(t)][kind] = [float(values.mean()), float(values.std())]
                 means[i, k] = torch.from_numpy(values.mean(axis=0))
         self.calibration = Calibration(step_stats=stats, feature_pool=self.scoring.feature_pool)
         # Full resolution: pooling them blurred the thin ring of border errors (magnetic_tile AUPRO 0.751 vs 0.776).
-        self.extra_tensors["position_mean"] = means.half()
+        n_full = len(full_kinds)
+        self.extra_tensors["position_mean"] = means[:, :n_full].half()
+        if pooled_kinds:
+            self.extra_tensors["position_mean_pooled"] = F.avg_pool2d(means[:, n_full:], POOLED_MEAN_DOWNSCALE).half()
+        else:
+            self.extra_tensors.pop("position_mean_pooled", None)
         self.extra_tensors["position_mean_timesteps"] = torch.tensor(timesteps, dtype=torch.int64)
         self.cache.pop("position_means", None)
         if select_smoothing:

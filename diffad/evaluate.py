@@ -39,6 +39,7 @@ def score_test_set(detector: AnomalyDetector, root, variants: dict[str, ScoringC
     variants = variants or {"default": detector.scoring}
     samples = list_test_samples(root)[:limit] if limit else list_test_samples(root)
     timesteps = sorted({t for v in variants.values() for t in v.timesteps})
+    pools = sorted({k for v in variants.values() for k in v.feature_pool})
     res = detector.resolution
     maps = {name: [] for name in variants}
     scores = {name: [] for name in variants}
@@ -57,7 +58,7 @@ def score_test_set(detector: AnomalyDetector, root, variants: dict[str, ScoringC
         if not batch:
             continue
         masks += batch_masks
-        for steps in detector.raw_steps(torch.stack(batch), timesteps):
+        for steps in detector.raw_steps(torch.stack(batch), timesteps, feature_pool=pools):
             for name, config in variants.items():
                 combined = detector.combine(steps, config)
                 maps[name].append(combined.anomaly.astype(np.float16))
@@ -71,6 +72,17 @@ def score_test_set(detector: AnomalyDetector, root, variants: dict[str, ScoringC
         name: ScoredSet([s.defect for s in kept], labels, np.array(scores[name]), np.stack(maps[name]), np.stack(masks), [s.path for s in kept])
         for name in variants
     }
+
+
+def validation_split(defects, fraction: float = 0.2, seed: int = 0) -> np.ndarray:
+    """Boolean mask of the validation images: a seeded `fraction` of every defect type and of the good images."""
+    defects = np.asarray(defects)
+    chosen = np.zeros(len(defects), bool)
+    rng = np.random.default_rng(seed)
+    for defect in sorted(set(defects)):
+        members = np.flatnonzero(defects == defect)
+        chosen[rng.choice(members, max(1, round(fraction * len(members))), replace=False)] = True
+    return chosen
 
 
 def metrics_for(scored: ScoredSet) -> dict:

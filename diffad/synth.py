@@ -1,4 +1,4 @@
-"""Synthetic defects with exact masks: scratches, cracks, holes, stains, particles and colour spots.
+"""Synthetic defects with exact masks: scratches, cracks, holes, stains, particles, colour spots and uneven patches.
 
 Every generator takes an (H, W, 3) uint8 image and a numpy Generator and returns (defective image, bool mask); the
 mask is exactly the set of pixels that changed. `size` in (0, 1] scales the defect with the image.
@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-DEFECT_TYPES = ("scratch", "crack", "hole", "stain", "particle", "colour_spot")
+DEFECT_TYPES = ("scratch", "crack", "hole", "stain", "particle", "colour_spot", "uneven")
 
 
 def _polyline(rng: np.random.Generator, h: int, w: int, length: float, jitter: float, segments: int):
@@ -118,7 +118,18 @@ def colour_spot(image, rng, size=0.5):
     return _paint(image, alpha, colour)
 
 
-GENERATORS = {"scratch": scratch, "crack": crack, "hole": hole, "stain": stain, "particle": particle, "colour_spot": colour_spot}
+def uneven(image, rng, size=0.5):
+    """A large, low-contrast patch: the surface a little brighter or darker and its fine texture smoothed away
+    (uneven grinding, a dent catching the light). Nothing in it stands out locally; only a wide view sees it."""
+    h, w = image.shape[:2]
+    poly = _blob(rng, h, w, radius=min(h, w) * (0.12 + 0.2 * size))
+    alpha = _shape_alpha(h, w, lambda d: d.polygon(poly, fill=255), blur=min(h, w) * 0.04)
+    smoothed = np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(min(h, w) * 0.01)), dtype=np.float32)
+    gain = 1 + rng.choice([-1, 1]) * rng.uniform(0.12, 0.25)
+    return _paint(image, alpha, np.clip(smoothed * gain, 0, 255))
+
+
+GENERATORS = {"scratch": scratch, "crack": crack, "hole": hole, "stain": stain, "particle": particle, "colour_spot": colour_spot, "uneven": uneven}
 
 
 def add_defect(image: np.ndarray, kind: str, seed: int = 0, size: float = 0.5) -> tuple[np.ndarray, np.ndarray]:

@@ -244,11 +244,11 @@ def checkpoint_split(detector: AnomalyDetector, data) -> tuple[torch.Tensor, tor
     return images[train_idx], images[hold_idx]
 
 
-def recalibrate(checkpoint, data, feature_pool: int | None = None) -> AnomalyDetector:
+def recalibrate(checkpoint, data, feature_pool=None) -> AnomalyDetector:
     """Re-measure the calibration and refit the morph's feature Gaussian of an existing checkpoint, in place.
 
     Uses the same held-out split as training (same seed and fraction), so calibration never sees training images.
-    `feature_pool` (see `ScoringConfig`) replaces the checkpoint's before measuring.
+    `feature_pool` (pooling sizes, see `ScoringConfig`) replaces the checkpoint's before measuring.
     """
     detector = load_checkpoint(checkpoint)
     if feature_pool is not None:

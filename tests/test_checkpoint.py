@@ -191,8 +191,8 @@ def test_position_means_centre_each_pixel_on_normal_images(tiny_checkpoint, tiny
     steps = detector.raw_steps(image[None], detector.scoring.timesteps)[0]
     # A map that equals the normal mean at every position is exactly typical: zero after centring.
     for step in steps:
-        for kind in ("kl", "feature", "rgb"):
-            setattr(step, kind, means[step.t][kind].copy())
+        step.kl, step.rgb = means[step.t]["kl"].copy(), means[step.t]["rgb"].copy()
+        step.features[1] = means[step.t]["feature"].copy()
     maps = detector.combine(steps)
     assert np.abs(maps.anomaly).max() < 1e-5
     # Centred on one mean per timestep instead, the same maps are far from zero.

@@ -68,3 +68,14 @@ def test_evaluate_maps_and_undefined_cases(masks):
     assert np.isnan(auroc([0, 0], [0.1, 0.2]))
     with pytest.raises(ValueError, match="differ in shape"):
         pro_curve(masks, masks[:, :10])
+
+
+def test_validation_split_takes_a_seeded_fifth_of_every_defect_type():
+    from diffad.evaluate import validation_split
+
+    defects = ["good"] * 10 + ["crack"] * 5 + ["hole"]
+    split = validation_split(defects)
+    picked = np.asarray(defects)[split]
+    assert sorted(picked) == ["crack", "good", "good", "hole"]  # a rare type still gets one image
+    assert np.array_equal(split, validation_split(defects))
+    assert any(not np.array_equal(split, validation_split(defects, seed=s)) for s in range(1, 5))

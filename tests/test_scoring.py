@@ -57,10 +57,11 @@ def test_feature_pool_is_odd_and_must_match_the_calibration(tiny_checkpoint, tin
 
     command = ["calibrate", "--checkpoint", str(folder), "--data", str(tiny_dataset), "--feature-pool"]
     assert main(command + ["4"]) == 2  # a clear error, the checkpoint untouched
-    assert load_checkpoint(folder).calibration.feature_pool == 1
+    assert main(command + ["1,x"]) == 2
+    assert load_checkpoint(folder).calibration.feature_pool == (1,)
     assert main(command + ["3"]) == 0
     recalibrated = load_checkpoint(folder)
-    assert recalibrated.scoring.feature_pool == recalibrated.calibration.feature_pool == 3
+    assert recalibrated.scoring.feature_pool == recalibrated.calibration.feature_pool == (3,)
     prediction = recalibrated.predict(image)
     unpooled = detector.predict(image)
     assert np.isfinite(prediction.score)
@@ -74,5 +75,35 @@ def test_a_checkpoint_whose_pooling_differs_from_its_calibration_is_refused_on_l
     config = json.loads(config_path.read_text())
     config["scoring"]["feature_pool"] = 3  # edited by hand: the stored statistics were measured unpooled
     config_path.write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match="config.json: feature_pool 3 differs .* diffad calibrate --feature-pool 3"):
+    with pytest.raises(CheckpointError, match="config.json: feature_pool 3 is not among the sizes 1 .* diffad calibrate --feature-pool 3"):
         load_checkpoint(folder)
+
+
+def test_several_pool_sizes_average_their_calibrated_maps_and_survive_a_round_trip(tiny_checkpoint, tiny_dataset, tmp_path):
+    folder = copy_of(tiny_checkpoint, tmp_path)
+    assert main(["calibrate", "--checkpoint", str(folder), "--data", str(tiny_dataset), "--feature-pool", "9,1,3"]) == 0
+    detector = load_checkpoint(folder)
+    assert detector.scoring.feature_pool == detector.calibration.feature_pool == (1, 3, 9)
+    assert {"feature", "feature@3", "feature@9"} <= set(detector.calibration.step_stats["20"])
+    # The coarse maps' normal means are stored small and come back at full size.
+    size = detector.resolution
+    assert detector.extra_tensors["position_mean_pooled"].shape[1:] == (2, size // 4, size // 4)
+    assert detector.position_means()[20]["feature@9"].shape == (size, size)
+    image = detector.preprocess(sorted((tiny_dataset / "test" / "hole").iterdir())[0])
+    steps = detector.raw_steps(image[None], detector.scoring.timesteps)[0]
+    multi = detector.combine(steps)
+    # Each size on its own is one of the calibrated ones, so it needs no new calibration.
+    singles = [detector.combine(steps, dataclasses.replace(detector.scoring, feature_pool=k)).feature for k in (1, 3, 9)]
+    np.testing.assert_allclose(multi.feature, np.mean(singles, axis=0), rtol=1e-5, atol=1e-5)
+    assert np.abs(singles[2] - singles[0]).max() > 0.1
+    with pytest.raises(ValueError, match="feature_pool 5 is not among the sizes 1,3,9"):
+        detector.combine(steps, dataclasses.replace(detector.scoring, feature_pool=5))
+
+
+def test_a_calibration_written_with_one_pool_size_as_a_number_still_loads():
+    from diffad.detector import Calibration
+
+    old = Calibration.from_dict({"feature_pool": 3, "step_stats": {"20": {"kl": [0, 1], "feature": [2, 3], "rgb": [0, 1]}}})
+    assert old.feature_pool == (3,)
+    assert old.step_stats["20"] == {"kl": [0, 1], "feature@3": [2, 3], "rgb": [0, 1]}
+    assert Calibration.from_dict(old.to_dict()) == old
