@@ -250,7 +250,7 @@ def markdown(results: dict) -> str:
            f"({results['machine']}). Evaluation at each checkpoint's resolution; AUPRO integrated to FPR 0.3.", ""]
     for category, r in results["categories"].items():
         out += [f"## {category}", "", f"Checkpoint: `checkpoints/{category}` — {r['training']}", ""]
-        out += ["### Quality against baselines (full official test split)", "",
+        out += ["### Quality against baselines (whole test split)", "",
                 "| method | " + " | ".join(METRIC_NAMES) + " |", "|---" * (len(METRIC_NAMES) + 1) + "|"]
         for name, m in {**{"diffad": r["metrics"]["overall"]}, **r["baselines"]}.items():
             out.append(f"| {name} | " + " | ".join(fmt(m[k]) for k in METRIC_NAMES) + " |")
