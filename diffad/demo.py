@@ -74,9 +74,8 @@ def analyse(detector: AnomalyDetector, image, known_mask: np.ndarray | None = No
             "xt": to_uint8(step.xt.clamp(-1, 1)),
             "x0_hat": to_uint8(step.x0_hat),
             "kl": heatmap(_z(step.kl, step_stats.get("kl")), *STEP_Z_RANGE),
-            # Averaged over the pooling sizes the scoring uses, as it does.
-            "feature": heatmap(np.mean([_z(step.features[k], step_stats.get(feature_kind(k))) for k in step.features], axis=0),
-                               *STEP_Z_RANGE),
+            # The finest map: pooled ones spread one defect over 72 px and saturate this fixed scale on texture.
+            "feature": heatmap(_z(step.feature, step_stats.get(feature_kind(min(step.features)))), *STEP_Z_RANGE),
         })
     if known_mask is not None and known_mask.shape != prediction.anomaly_map.shape:
         known_mask = np.asarray(Image.fromarray(known_mask.astype(np.uint8) * 255).resize(prediction.anomaly_map.shape[::-1], Image.NEAREST)) > 127

@@ -80,7 +80,10 @@ def test_a_checkpoint_whose_pooling_differs_from_its_calibration_is_refused_on_l
 
 
 def test_several_pool_sizes_average_their_calibrated_maps_and_survive_a_round_trip(tiny_checkpoint, tiny_dataset, tmp_path):
+    from diffad.demo import analyse
+
     folder = copy_of(tiny_checkpoint, tmp_path)
+    unpooled = load_checkpoint(folder)
     assert main(["calibrate", "--checkpoint", str(folder), "--data", str(tiny_dataset), "--feature-pool", "9,1,3"]) == 0
     detector = load_checkpoint(folder)
     assert detector.scoring.feature_pool == detector.calibration.feature_pool == (1, 3, 9)
@@ -96,6 +99,11 @@ def test_several_pool_sizes_average_their_calibrated_maps_and_survive_a_round_tr
     singles = [detector.combine(steps, dataclasses.replace(detector.scoring, feature_pool=k)).feature for k in (1, 3, 9)]
     np.testing.assert_allclose(multi.feature, np.mean(singles, axis=0), rtol=1e-5, atol=1e-5)
     assert np.abs(singles[2] - singles[0]).max() > 0.1
+    # The app's timestep slider keeps showing the sharp unpooled map; the final map is the multi-scale one.
+    before, after = analyse(unpooled, image), analyse(detector, image)
+    # (not bit for bit: training calibrated with fp32 weights, the saved ones are fp16)
+    assert all(np.abs(a["feature"].astype(int) - b["feature"]).mean() < 2 for a, b in zip(before.steps, after.steps))
+    assert np.abs(after.maps["anomaly"] - before.maps["anomaly"]).max() > 0.1
     with pytest.raises(ValueError, match="feature_pool 5 is not among the sizes 1,3,9"):
         detector.combine(steps, dataclasses.replace(detector.scoring, feature_pool=5))
 
