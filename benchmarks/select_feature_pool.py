@@ -40,12 +40,11 @@ def select(category: str) -> dict:
     detector.scoring = dataclasses.replace(detector.scoring, feature_pool=every_size)
     detector.calibrate(checkpoint_split(detector, root)[1], detector.scoring.timesteps, select_smoothing=False)
     variants = {",".join(map(str, c)): dataclasses.replace(detector.scoring, feature_pool=c) for c in CANDIDATES}
-    scored = score_test_set(detector, root, variants)
-    validation = validation_split(next(iter(scored.values())).defects)
-    v = validation
+    scored = score_test_set(detector, root, variants)  # the whole split, so the split's order is run.py's; only
+    v = validation_split(next(iter(scored.values())).defects)  # the validation fifth is read
     results = {name: evaluate_maps(s.labels[v], s.scores[v], s.masks[v], s.maps[v]) for name, s in scored.items()}
     chosen = max(results, key=lambda name: results[name]["pixel_auroc"] + results[name]["aupro"])
-    return {"validation_images": int(validation.sum()), "test_images": int(validation.size), "candidates": results,
+    return {"validation_images": int(v.sum()), "test_images": int(v.size), "candidates": results,
             "chosen": [int(k) for k in chosen.split(",")]}
 
 
