@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.run import DATA  # noqa: E402
 from diffad import load_checkpoint  # noqa: E402
 from diffad.evaluate import score_test_set, validation_split  # noqa: E402
-from diffad.metrics import evaluate_maps  # noqa: E402
+from diffad.metrics import evaluate_maps, localisation_quality  # noqa: E402
 from diffad.train import checkpoint_split  # noqa: E402
 
 CANDIDATES = ((1,), (3,), (1, 3, 9))
@@ -43,7 +43,7 @@ def select(category: str) -> dict:
     scored = score_test_set(detector, root, variants)  # the whole split, so the split's order is run.py's; only
     v = validation_split(next(iter(scored.values())).defects)  # the validation fifth is read
     results = {name: evaluate_maps(s.labels[v], s.scores[v], s.masks[v], s.maps[v]) for name, s in scored.items()}
-    chosen = max(results, key=lambda name: results[name]["pixel_auroc"] + results[name]["aupro"])
+    chosen = max(results, key=lambda name: localisation_quality(results[name]))
     return {"validation_images": int(v.sum()), "test_images": int(v.size), "candidates": results,
             "chosen": [int(k) for k in chosen.split(",")]}
 

@@ -14,7 +14,6 @@ from .checkpoint import CheckpointError, load_checkpoint
 from .data import IMAGE_SUFFIXES, DataError, list_images, to_uint8
 from .examples import POLISH_LOOPS
 from .morph import MorphConfig
-from .scoring import pool_sizes
 
 log = logging.getLogger("diffad")
 
@@ -142,8 +141,7 @@ def cmd_evaluate(args) -> int:
 def cmd_calibrate(args) -> int:
     from .train import recalibrate
 
-    pools = None if args.feature_pool is None else pool_sizes(args.feature_pool)  # before touching the checkpoint
-    detector = recalibrate(args.checkpoint, args.data, feature_pool=pools)
+    detector = recalibrate(args.checkpoint, args.data, feature_pool=args.feature_pool)
     print(f"{args.checkpoint}: image threshold {detector.calibration.image_threshold:.3f}, "
           f"pixel threshold {detector.calibration.pixel_threshold:.3f}, "
           f"feature pool {','.join(map(str, detector.scoring.feature_pool))}")

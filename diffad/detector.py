@@ -13,7 +13,7 @@ from .backbone import DEFAULT_BACKBONE, FeatureExtractor
 from .data import read_image, to_tensor, to_uint8
 from .diffusion import GaussianDiffusion
 from .models import DiffADNet
-from .scoring import CombinedMaps, ScoringConfig, StepMaps, combine, feature_kind, map_kinds, pool_sizes, step_maps
+from .scoring import CombinedMaps, ScoringConfig, StepMaps, combine, feature_kind, pool_sizes, step_maps
 
 FORMAT_VERSION = 1
 # Default verdict threshold: this quantile of the held-out normal images' scores.
@@ -41,8 +41,7 @@ def _backbone_named(name: str) -> FeatureExtractor:
 
 def _position_mean_kinds(pools) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Map kinds whose position means are stored at full size, and the coarser pooled ones stored smaller."""
-    full = ("kl", feature_kind(min(pools)), "rgb")
-    return full, tuple(kind for kind in map_kinds(pools) if kind not in full)
+    return ("kl", feature_kind(pools[0]), "rgb"), tuple(feature_kind(k) for k in pools[1:])
 
 
 @dataclass
@@ -266,7 +265,7 @@ class AnomalyDetector:
 
         Each candidate sigma is scored by the mean of pixel AUROC and AUPRO; the best becomes the default.
         """
-        from .metrics import aupro, auroc
+        from .metrics import aupro, auroc, localisation_quality
         from .synth import DEFECT_TYPES, add_defect
 
         images, masks = [], []
@@ -283,7 +282,7 @@ class AnomalyDetector:
             config = dataclasses.replace(self.scoring, smoothing_sigma=float(sigma))
             maps = np.stack([self.combine(s, config).anomaly for s in steps])
             results[str(sigma)] = {"pixel_auroc": auroc(masks, maps), "aupro": aupro(masks, maps)}
-        best = max(results, key=lambda k: results[k]["pixel_auroc"] + results[k]["aupro"])
+        best = max(results, key=lambda k: localisation_quality(results[k]))
         self.scoring.smoothing_sigma = float(best)
         self.calibration.smoothing_validation = results
         return results

@@ -73,6 +73,11 @@ def aupro(masks, maps, fpr_limit: float = 0.3) -> float:
     return float(min(1.0, np.trapezoid(y, x) / fpr_limit))
 
 
+def localisation_quality(metrics: dict) -> float:
+    """What scoring settings are chosen by (smoothing, feature pooling): pixel AUROC + AUPRO."""
+    return metrics["pixel_auroc"] + metrics["aupro"]
+
+
 def evaluate_maps(image_labels, image_scores, masks, maps) -> dict:
     """All standard metrics for a set of images. `masks`/`maps`: (N, H, W)."""
     masks = np.asarray(masks).astype(bool)

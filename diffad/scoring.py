@@ -1,7 +1,7 @@
 """Anomaly maps from a trained denoiser: per-timestep KL, feature error and RGB error, and their combination."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -158,7 +158,6 @@ class CombinedMaps:
     pixel: np.ndarray  # sum over timesteps of the z-normalised pixel (KL or RGB) maps
     feature: np.ndarray  # sum over timesteps of the z-normalised feature maps (averaged over pooling sizes)
     score: float
-    per_kind: dict = field(default_factory=dict)
 
 
 def combine(steps: list[StepMaps], step_stats: dict, config: ScoringConfig, position_means: dict | None = None) -> CombinedMaps:
@@ -186,4 +185,4 @@ def combine(steps: list[StepMaps], step_stats: dict, config: ScoringConfig, posi
     pixel = sums[config.pixel_map]
     feature = sum(sums[feature_kind(k)] for k in config.feature_pool) / len(config.feature_pool)
     anomaly = gaussian_smooth(config.alpha * pixel + (1 - config.alpha) * feature, config.smoothing_sigma)
-    return CombinedMaps(anomaly, pixel, feature, top_k_mean(anomaly, config.top_k), per_kind={**sums, "feature": feature})
+    return CombinedMaps(anomaly, pixel, feature, top_k_mean(anomaly, config.top_k))

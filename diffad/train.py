@@ -248,7 +248,8 @@ def recalibrate(checkpoint, data, feature_pool=None) -> AnomalyDetector:
     """Re-measure the calibration and refit the morph's feature Gaussian of an existing checkpoint, in place.
 
     Uses the same held-out split as training (same seed and fraction), so calibration never sees training images.
-    `feature_pool` (pooling sizes, see `ScoringConfig`) replaces the checkpoint's before measuring.
+    `feature_pool` (pooling sizes as `ScoringConfig` takes them, e.g. "1,3,9") replaces the checkpoint's before
+    measuring; a bad value is refused before anything is written.
     """
     detector = load_checkpoint(checkpoint)
     if feature_pool is not None:
