@@ -34,6 +34,15 @@ CONFIG_SCHEMA = {
 }
 
 
+def _from_version_1(config: dict) -> dict:
+    # Version 1 networks all predicted the noise; the setting came with version 2.
+    return {**config, "format_version": 2, "net": {"prediction": "eps", **config["net"]}}
+
+
+# Format version -> function upgrading a config.json of that version by one version.
+MIGRATIONS = {1: _from_version_1}
+
+
 class CheckpointError(ValueError):
     """A checkpoint that is missing, of another format, or damaged; the message names the file."""
 
@@ -75,10 +84,12 @@ def read_config(path: Path) -> dict:
             continue
         if not isinstance(config[key], kind):
             raise CheckpointError(f"{path}: {key!r} must be a {kind.__name__}")
-    if config["format_version"] != FORMAT_VERSION:
+    if config["format_version"] not in MIGRATIONS and config["format_version"] != FORMAT_VERSION:
         raise CheckpointError(
             f"{path}: format version {config['format_version']} is not supported (this diffad reads {FORMAT_VERSION})"
         )
+    while config["format_version"] != FORMAT_VERSION:
+        config = MIGRATIONS[config["format_version"]](config)
     validate_category(config["category"])
     return config
 
@@ -98,10 +109,10 @@ def load_folder(folder, device: str | torch.device = "cpu") -> AnomalyDetector:
     tensors = _load_tensors(folder / WEIGHTS_NAME)
     weights_path = folder / WEIGHTS_NAME
     try:
-        net = DiffADNet(NetConfig.from_dict(config["net"]))
+        diffusion = GaussianDiffusion(**config["diffusion"])
+        net = DiffADNet(NetConfig.from_dict(config["net"]), diffusion.alphas_cumprod)
         scoring = ScoringConfig.from_dict(config["scoring"])
         calibration = Calibration.from_dict(config["calibration"])
-        diffusion = GaussianDiffusion(**config["diffusion"])
     except (TypeError, ValueError, KeyError) as exc:
         raise CheckpointError(f"{folder / CONFIG_NAME}: invalid settings ({exc})") from exc
     expected = net.state_dict()

@@ -15,7 +15,8 @@ from .diffusion import GaussianDiffusion
 from .models import DiffADNet
 from .scoring import CombinedMaps, ScoringConfig, StepMaps, combine, feature_kind, pool_sizes, step_maps
 
-FORMAT_VERSION = 1
+# Version 2: NetConfig.prediction (version 1 networks predict the noise; checkpoint.MIGRATIONS upgrades them).
+FORMAT_VERSION = 2
 # Default verdict threshold: this quantile of the held-out normal images' scores.
 IMAGE_THRESHOLD_QUANTILE = 0.99
 # Default mask threshold: this quantile of the held-out normal images' pixel values.

@@ -108,6 +108,20 @@ def _load_state(path: Path, net: DiffADNet) -> dict:
     return state
 
 
+def _init_from(net: DiffADNet, source: DiffADNet, name: str) -> None:
+    """Start from another checkpoint's weights. Its data statistics (if any) are replaced by this run's: an "eps"
+    network can seed a "wiener" one, whose output layer then learns the residual instead of the noise."""
+    weights = {k: v for k, v in source.state_dict().items() if not k.startswith("data_")}
+    try:
+        missing, _ = net.load_state_dict(weights, strict=False)
+        wrong = [k for k in missing if not k.startswith("data_")] + [k for k in weights if k not in net.state_dict()]
+        if wrong:
+            raise RuntimeError(f"tensors that do not match: {', '.join(wrong[:4])}")
+    except RuntimeError as exc:
+        raise DataError(f"--init-from {name}: its network does not fit this run's layout (--net "
+                        f"overrides or another backbone): {str(exc).splitlines()[0]}") from exc
+
+
 def train(config: TrainConfig, progress: bool = True) -> Path:
     """Train, calibrate and write a checkpoint to `config.out`; resumes from `out/train_state.pt` if present."""
     torch.manual_seed(config.seed)
@@ -124,17 +138,15 @@ def train(config: TrainConfig, progress: bool = True) -> Path:
     source = load_checkpoint(config.init_from).net if config.init_from else None
     layout = {**(source.config.to_dict() if source else {}), **config.net}
     net_config = NetConfig.from_dict({**layout, "resolution": config.resolution, "feature_channels": backbone.channels})
-    net = DiffADNet(net_config).to(device)
+    diffusion = GaussianDiffusion()
+    net = DiffADNet(net_config, diffusion.alphas_cumprod).to(device)
+    augmentations = _augmentations(config.augment)
+    if net_config.prediction == "wiener":
+        net.set_data_statistics(torch.cat([_apply(train_images, r, f) for r, f in augmentations]).to(device))
     if source is not None:
-        try:
-            net.load_state_dict(source.state_dict())
-        except RuntimeError as exc:
-            raise DataError(f"--init-from {config.init_from}: its network does not fit this run's layout (--net "
-                            f"overrides or another backbone): {str(exc).splitlines()[0]}") from exc
+        _init_from(net, source, config.init_from)
     state_path = out / STATE_NAME
     state = _load_state(state_path, net) if state_path.exists() else None  # before the slow feature caching
-    diffusion = GaussianDiffusion()
-    augmentations = _augmentations(config.augment)
 
     # Backbone features of every (image, augmentation) pair are computed once: the backbone is frozen.
     cached = augmented_features(backbone, train_images, augmentations, device)
@@ -179,7 +191,7 @@ def train(config: TrainConfig, progress: bool = True) -> Path:
         noise = torch.randn(x0.shape, generator=generator).to(device)
         xt = diffusion.q_sample(x0, t, noise)
         pred = net(xt, t)
-        mse = (pred.eps - noise).pow(2).mean()
+        mse = ((pred.x0 - x0) / pred.x0_scale).pow(2).mean()
         vlb = diffusion.vlb_loss(x0, xt, t, pred.eps, pred.v)
         feat = (pred.features - target).pow(2).mean()
         loss = mse + config.vlb_weight * diffusion.num_timesteps * vlb + config.feature_weight * feat
