@@ -6,6 +6,7 @@ category, DIFFAD_HUB_REVISION pins a revision) with the local checkpoints/ folde
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import io
 import logging
@@ -14,6 +15,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import gradio as gr
 import numpy as np
@@ -21,11 +23,14 @@ import torch
 from PIL import Image
 
 from diffad import CheckpointError, DataError
-from diffad.data import MAX_IMAGE_PIXELS, read_image
-from diffad.demo import MAP_CHOICES, VIEW_TIMESTEPS, analyse, colorbar, known_examples, map_picture, sha256_of, step_view, verdict_markdown
-from diffad.morph import MorphConfig, before_after, export_gif, export_mp4, morph
+from diffad.data import read_image
+from diffad.demo import (MAP_CHOICES, MORPH_STARTED, Analysis, MorphCanvas, analyse, example_label, export_morph_gif,
+                         known_examples, map_with_colorbar, message_markdown, morph_done, morph_status,
+                         nearest_timestep, resize_map, sha256_of, slider_ranges, step_colorbar, step_view, summary,
+                         verdict_markdown)
+from diffad.morph import MorphConfig, before_after, export_mp4, morph
 from diffad.registry import CheckpointRegistry
-from diffad.visualize import anomaly_picture, display_range
+from diffad.visualize import anomaly_picture
 
 log = logging.getLogger("diffad.app")
 ROOT = Path(__file__).resolve().parent
@@ -38,8 +43,6 @@ OUTPUT_MAX_AGE_S = 3600
 PRUNE_EVERY_S = 600
 _last_prune = 0.0
 MAX_MORPH_LOOPS = 20
-# Gradio opens uploads with PIL before the app sees them: refuse decompression bombs there too.
-Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 
 try:  # glibc keeps freed model buffers in per-thread arenas; give them back after each model call
     import ctypes
@@ -62,6 +65,29 @@ except ImportError:
     def gpu(fn):
         return fn
 
+
+PAPER_URL = ("https://openaccess.thecvf.com/content/ICCV2023/html/"
+             "Lu_Removing_Anomalies_as_Noises_for_Industrial_Defect_Localization_ICCV_2023_paper.html")
+
+
+def code_link() -> str:
+    # On a Space its files are the code; elsewhere the reader is running a checkout already.
+    space = os.environ.get("SPACE_ID")
+    return f"[Code](https://huggingface.co/spaces/{space}/tree/main)" if space else "Code: the diffad repository (README.md)"
+
+
+def intro_markdown() -> str:
+    return (
+        "# diffad — find and explain defects in product photos\n"
+        "A diffusion model trained only on defect-free parts of one product treats a defect as noise it would remove: "
+        "where it disagrees with the photo, the photo is anomalous.\n\n"
+        "1. **Pick an example** below, or choose a category and **upload a photo** of that product.\n"
+        "2. **Read the verdict and the map**: red is anomalous, the green outline is the flagged area.\n"
+        "3. **Explore**: scrub the diffusion timesteps, move the thresholds, or morph the defect away.\n\n"
+        f"[Paper: Lu et al., ICCV 2023]({PAPER_URL}) · {code_link()}"
+    )
+
+
 HOW_IT_WORKS = """
 **Anomalies as noise.** A denoising diffusion model is trained only on defect-free images of one product.
 To inspect a photo we add a small amount of Gaussian noise (a few *timesteps* t) and ask the model to take one
@@ -71,188 +97,308 @@ between the true posterior q(x<sub>t-1</sub>|x<sub>t</sub>,x<sub>0</sub>) and th
 is the pixel score. A head on the model's decoder also predicts pre-trained **EfficientNet features** of the clean
 image; where it cannot, the **feature error** is high. Both maps, z-normalised per timestep on held-out normal images,
 are summed over timesteps into the anomaly map; its top values give the image score, compared with the scores of
-normal images to give a calibrated verdict.
+normal images to give a calibrated verdict. **RGB error** (a map choice) is the plain colour difference between the
+photo and the model's clean estimate; it is shown for comparison and not used in the score.
+
+**Does it look like the category at all?** The photo's overall EfficientNet features are compared with those of
+normal images of the category; a photo far outside them (another product, noise) gets a warning next to the verdict.
 
 **The morph** walks the image down the gradient of a Gaussian model of normal features (PaDiM-style energy), in
 steps that look like diffusion noise, and lets the diffusion model remove that noise every few steps. The defect is
 replaced while normal regions keep their detail.
 
-Paper: Lu et al., *Removing Anomalies as Noises for Industrial Defect Localization*, ICCV 2023.
-Code: diffad (this repository) — checkpoints trained on MVTec AD (CC BY-NC-SA 4.0) and Magnetic-Tile (cite Huang et al.).
+Checkpoints trained on MVTec AD (CC BY-NC-SA 4.0) and Magnetic-Tile (cite Huang et al.).
 """
 
 
-def _error(exc: Exception) -> gr.Error:
-    return gr.Error(str(exc), print_exception=False)
+def lenient(image: gr.Image) -> gr.Image:
+    """An image input whose preprocessing never fails: an unreadable upload reaches the handler, which says why in
+    words instead of Gradio's "Could not preprocess input component" with server paths. (Not a subclass: Gradio
+    writes a .pyi file next to the source of every component subclass.)"""
+    strict = image.preprocess
+
+    def preprocess(payload):
+        try:
+            return strict(payload)
+        except Exception:  # PIL could not open it: read_image gives the reason
+            return payload.path if payload is not None else None
+
+    image.preprocess = preprocess
+    return image
+
+
+class InputProblem(Exception):
+    """Something about the photo or category the user can fix; shown as a message, raised as gr.Error for the API."""
+
+
+@functools.lru_cache(maxsize=1)
+def examples_by_hash() -> dict:
+    return known_examples(EXAMPLES)
+
+
+def example_rows() -> tuple[list, list[str]]:
+    """([photo, category] rows, their labels): every category's examples, normal ones first."""
+    entries = sorted(examples_by_hash().values(), key=lambda e: (e["category"], e.get("kind") != "normal", e["file"]))
+    return [[e["path"], e["category"]] for e in entries], [example_label(e) for e in entries]
+
+
+def _load(registry: CheckpointRegistry, category: str):
+    if category not in registry.categories():
+        raise InputProblem(f"Unknown category {category!r}. Choose one of: {', '.join(registry.categories())}")
+    try:
+        return registry.get(category)
+    except CheckpointError as exc:
+        raise InputProblem(str(exc)) from exc
+
+
+def _analysis(registry: CheckpointRegistry, image_path, category, progress) -> Analysis:
+    if not image_path:
+        raise InputProblem("Upload a photo or pick an example first.")
+    progress(0.1, desc=f"loading {category}")
+    detector, origin = _load(registry, category)
+    known = examples_by_hash().get(sha256_of(image_path)) if Path(image_path).is_file() else None
+    known_mask = None
+    if known and known.get("mask_path") and known["category"] == category:
+        known_mask = np.asarray(read_image(known["mask_path"]).convert("L")) > 127
+    progress(0.3, desc="noising and denoising")
+    try:
+        analysis = analyse(detector, image_path, known_mask=known_mask, ood=registry.feature_distance(category),
+                           source=origin)
+    except (DataError, ValueError) as exc:  # the temporary upload path means nothing to the user
+        raise InputProblem(str(exc).replace(str(image_path), Path(image_path).name)) from exc
+    finally:
+        release_memory()
+    prune_outputs()
+    return analysis
+
+
+def analysis_outputs(analysis: Analysis) -> tuple:
+    """Every output of an analysis, in ANALYSIS_OUTPUTS order; the morph's previous results are cleared."""
+    label = next(iter(MAP_CHOICES))
+    ranges = slider_ranges(analysis)
+    (_, mask_top, mask_value), (_, image_top, image_value) = ranges["mask"], ranges["image"]
+    first = min(analysis.timesteps)
+    return (
+        analysis,
+        verdict_markdown(analysis, image_value, mask_value),
+        summary(analysis, image_value, mask_value),
+        picture_file(map_with_colorbar(analysis, label, mask_value)),
+        gr.update(value=label),
+        gr.update(minimum=0.0, maximum=mask_top, value=mask_value),
+        gr.update(minimum=0.0, maximum=image_top, value=image_value),
+        *step_files(analysis, first),
+        gr.update(minimum=first, maximum=max(analysis.timesteps), value=first),
+        *MORPH_CLEARED,
+    )
+
+
+def cleared_outputs(message: str) -> tuple:
+    """The same outputs with every result of a previous photo removed and `message` where the verdict goes."""
+    return (None, message, None, None, gr.update(), gr.update(), gr.update(), None, None, None, None, "", gr.update(),
+            *MORPH_CLEARED)
+
+
+MORPH_CLEARED = (None, None, "", None, None)  # frame, its map, status, before/after, downloads
+WELCOME = "Pick an example or upload a photo to see the verdict here."
+
+
+@gpu
+def analyse_api(registry: CheckpointRegistry, image_path, category, progress=gr.Progress()):
+    try:
+        return analysis_outputs(_analysis(registry, image_path, category, progress))
+    except InputProblem as exc:
+        raise gr.Error(str(exc), print_exception=False) from exc
+
+
+@gpu
+def analyse_page(registry: CheckpointRegistry, image_path, category, progress=gr.Progress()):
+    """Upload, example, category and button: problems become one message where the verdict goes, never a
+    red Error on every panel."""
+    if not image_path:
+        return *cleared_outputs(WELCOME), gr.update()
+    try:
+        return *analysis_outputs(_analysis(registry, image_path, category, progress)), gr.update()
+    except InputProblem as exc:
+        unreadable = isinstance(exc.__cause__, DataError)
+        hint = " Photos in PNG, JPEG, BMP, TIFF or WebP work." if unreadable else ""
+        return *cleared_outputs(message_markdown(str(exc) + hint)), (None if unreadable else gr.update())
+
+
+def analysing(category) -> tuple:
+    return *cleared_outputs(f"⏳ Analysing as `{category}`…"), gr.update()
+
+
+def redraw(analysis, map_label, mask_threshold, image_threshold):
+    """Map with its colour bar, verdict and details for new thresholds or another map (no model call)."""
+    if analysis is None:
+        raise gr.Error("Analyse an image first.", print_exception=False)
+    mask_threshold, image_threshold = _finite(mask_threshold, "mask threshold"), _finite(image_threshold, "verdict threshold")
+    try:
+        picture = picture_file(map_with_colorbar(analysis, map_label, mask_threshold))
+    except DataError as exc:
+        raise gr.Error(str(exc), print_exception=False) from exc
+    return (picture, verdict_markdown(analysis, image_threshold, mask_threshold), summary(analysis, image_threshold, mask_threshold))
+
+
+def calibrated_threshold(which: str, analysis):
+    """↺: a threshold slider back to the category's calibrated value ("mask" or "image")."""
+    return gr.update() if analysis is None else slider_ranges(analysis)[which][2]
+
+
+def scrub(analysis, t):
+    if analysis is None:
+        raise gr.Error("Analyse an image first.", print_exception=False)
+    return step_files(analysis, _finite(t, "timestep"))
+
+
+def snap_timestep(analysis, t):
+    """On release the slider lands on the computed timestep it shows."""
+    if analysis is None:
+        return gr.update()
+    return nearest_timestep(analysis, _finite(t, "timestep"))
+
+
+@gpu
+def run_morph(registry: CheckpointRegistry, image_path, category, step_size, denoise_every, loops, seed, keep_normal=True):
+    config = MorphConfig(step_size=_finite(step_size, "step size"), denoise_every=int(_finite(denoise_every, "denoise every")),
+                         max_loops=int(min(_finite(loops, "loops"), MAX_MORPH_LOOPS)), seed=int(_finite(seed, "seed")),
+                         focus=MorphConfig.focus if keep_normal else 0.0)
+    if not image_path:
+        raise gr.Error("Upload a photo or pick an example first.", print_exception=False)
+    try:
+        detector, _ = _load(registry, category)
+    except InputProblem as exc:
+        raise gr.Error(str(exc), print_exception=False) from exc
+    yield None, None, MORPH_STARTED, None, None  # a new morph: the previous one's results go at once
+    frames, shown, threshold = [], [], detector.calibration.image_threshold
+    try:
+        for frame in morph(detector, image_path, config):
+            frames.append(frame.rgb())
+            if len(frames) == 1:
+                canvas = MorphCanvas(image_path, frames[0])
+            shown.append(canvas(frames[-1]))
+            amap = resize_map(frame.anomaly_map, canvas.size)
+            status = morph_status(frame, threshold)
+            pictures = picture_file(shown[-1]), picture_file(anomaly_picture(shown[-1], amap, detector.calibration.pixel_threshold))
+            yield *pictures, status, None, None
+    except (DataError, ValueError) as exc:
+        raise gr.Error(str(exc).replace(str(image_path), Path(image_path).name), print_exception=False) from exc
+    except GeneratorExit:  # Gradio closes the generator when the client leaves: no more frames are computed
+        log.info("morph stopped after %d frames: the client left", len(frames))
+        raise
+    finally:
+        release_memory()
+    folder = Path(tempfile.mkdtemp(dir=_output_folder("morphs")))
+    gif, mp4 = export_morph_gif(shown, folder / "morph.gif"), export_mp4(shown, folder / "morph.mp4")
+    pair = folder / "before_after.png"
+    Image.fromarray(before_after(shown[0], shown[-1])).save(pair)
+    yield (*pictures, morph_done(status, len(frames) - 1), (picture_file(shown[0]), pictures[0]), [str(gif), str(mp4), str(pair)])
 
 
 def make_app(registry: CheckpointRegistry) -> gr.Blocks:
+    """The page: layout here, behaviour in the module-level handlers above (bound to `registry`)."""
     categories = registry.categories()
     default = DEFAULT_CATEGORY if DEFAULT_CATEGORY in categories else (categories[0] if categories else None)
-    examples_by_hash = known_examples(EXAMPLES)
-    example_rows = [[e["path"], e["category"]] for e in sorted(examples_by_hash.values(), key=lambda e: (e["category"], e["file"]))]
-    source_note = registry.hub_note or "Using local checkpoints."
-    if not categories:
-        source_note += " No checkpoints found: train one with `diffad train`."
-
-    def load(category):
-        try:
-            return registry.get(category)
-        except CheckpointError as exc:
-            raise _error(exc) from exc
-
-    @gpu
-    def run_analysis(image_path, category, progress=gr.Progress()):
-        if not image_path:
-            raise gr.Error("Upload a photo or pick an example first.", print_exception=False)
-        if category not in categories:
-            raise gr.Error(f"Unknown category {category!r}. Choose one of: {', '.join(categories)}", print_exception=False)
-        progress(0.1, desc=f"loading {category}")
-        detector, origin = load(category)
-        known = examples_by_hash.get(sha256_of(image_path)) if Path(image_path).is_file() else None
-        known_mask = None
-        if known and known.get("mask_path"):
-            known_mask = np.asarray(read_image(known["mask_path"]).convert("L")) > 127
-        progress(0.3, desc="noising and denoising")
-        try:
-            analysis = analyse(detector, image_path, known_mask=known_mask)
-        except (DataError, ValueError) as exc:
-            raise _error(exc) from exc
-        release_memory()
-        prune_outputs()
-        progress(0.9, desc="rendering")
-        label = next(iter(MAP_CHOICES))
-        vmin, vmax = display_range(analysis.pixel_threshold)
-        summary = {
-            "category": category, "score": round(analysis.score, 4), "percentile": round(analysis.percentile, 2),
-            "verdict": "anomalous" if analysis.score > analysis.image_threshold else "normal",
-            "image_threshold": round(analysis.image_threshold, 4), "pixel_threshold": round(analysis.pixel_threshold, 4),
-            "checkpoint": origin,
-        }
-        top = max(2 * analysis.pixel_threshold, float(analysis.maps["anomaly"].max()), 1.0)
-        top_score = max(2 * analysis.image_threshold, analysis.score * 1.2, 1.0)
-        return (
-            analysis,
-            verdict_markdown(analysis, analysis.image_threshold, analysis.pixel_threshold),
-            summary,
-            picture_file(map_picture(analysis, label, analysis.pixel_threshold)),
-            picture_file(colorbar(vmin, vmax, "anomaly (z units over normal pixels)")),
-            gr.update(value=label),
-            gr.update(minimum=0.0, maximum=round(top, 2), value=round(analysis.pixel_threshold, 2)),
-            gr.update(minimum=0.0, maximum=round(top_score, 2), value=round(analysis.image_threshold, 2)),
-            *step_files(analysis, 0),
-            gr.update(value=0),
-        )
-
-    def redraw(analysis, map_label, mask_threshold, image_threshold):
-        if analysis is None:
-            raise gr.Error("Analyse an image first.", print_exception=False)
-        mask_threshold, image_threshold = _finite(mask_threshold, "mask threshold"), _finite(image_threshold, "verdict threshold")
-        try:
-            picture = picture_file(map_picture(analysis, map_label, mask_threshold))
-        except DataError as exc:
-            raise _error(exc) from exc
-        return picture, verdict_markdown(analysis, image_threshold, mask_threshold)
-
-    def scrub(analysis, index):
-        if analysis is None:
-            raise gr.Error("Analyse an image first.", print_exception=False)
-        return step_files(analysis, _finite(index, "timestep index"))
-
-    @gpu
-    def run_morph(image_path, category, step_size, denoise_every, loops, seed, keep_normal):
-        config = MorphConfig(step_size=_finite(step_size, "step size"), denoise_every=int(_finite(denoise_every, "denoise every")),
-                             max_loops=int(min(_finite(loops, "loops"), MAX_MORPH_LOOPS)), seed=int(_finite(seed, "seed")),
-                             focus=MorphConfig.focus if keep_normal else 0.0)
-        if not image_path:
-            raise gr.Error("Upload a photo or pick an example first.", print_exception=False)
-        detector, _ = load(category)
-        frames = []
-        try:
-            for frame in morph(detector, image_path, config):
-                frames.append(frame.rgb())
-                status = (f"Step {frame.step} (loop {frame.loop}): score **{frame.score:.2f}** "
-                          f"(threshold {detector.calibration.image_threshold:.2f}), energy {frame.energy:,.0f}"
-                          + (" — normal ✅" if frame.is_normal else ""))
-                shown = picture_file(frames[-1]), picture_file(anomaly_picture(frames[-1], frame.anomaly_map,
-                                                                                detector.calibration.pixel_threshold))
-                yield *shown, status, gr.update(), gr.update()
-        except (DataError, ValueError) as exc:
-            raise _error(exc) from exc
-        except GeneratorExit:  # Gradio closes the generator when the client leaves: no more frames are computed
-            log.info("morph stopped after %d frames: the client left", len(frames))
-            raise
-        finally:
-            release_memory()
-        folder = Path(tempfile.mkdtemp(dir=_output_folder("morphs")))
-        gif, mp4 = export_gif(frames, folder / "morph.gif"), export_mp4(frames, folder / "morph.mp4")
-        pair = folder / "before_after.png"
-        Image.fromarray(before_after(frames[0], frames[-1])).save(pair)
-        yield (*shown, status + f" — done after {len(frames) - 1} loops.", (picture_file(frames[0]), shown[0]),
-               [str(gif), str(mp4), str(pair)])
-
     with gr.Blocks(title="diffad — defects as noise", delete_cache=(1800, 3600)) as demo:
-        analysis_state = gr.State(None)
-        gr.Markdown("# diffad — find and explain defects with a diffusion model\n" + source_note, elem_id="header")
-        with gr.Row():
-            with gr.Column(scale=1):
-                category = gr.Dropdown(categories, value=default, label="Category", elem_id="category")
-                # image_mode=None hands the file over untouched: diffad.data.read_image does modes, alpha and EXIF itself.
-                image_in = gr.Image(type="filepath", image_mode=None, sources=["upload", "clipboard", "webcam"], label="Photo",
-                                    elem_id="photo", height=300)
-                analyse_button = gr.Button("Analyse", variant="primary", elem_id="analyse")
-                if example_rows:
-                    gr.Examples(example_rows, inputs=[image_in, category], label="Examples (white outline: known defect)", examples_per_page=12)
-            with gr.Column(scale=2):
-                verdict = gr.Markdown("Upload a photo or pick an example.", elem_id="verdict")
-                with gr.Row():
-                    map_choice = gr.Radio(list(MAP_CHOICES), value=next(iter(MAP_CHOICES)), label="Map")
-                result = gr.Image(label="Anomaly map (green: predicted defect, white: known defect)", interactive=False, elem_id="result", height=400)
-                bar = gr.Image(show_label=False, interactive=False, height=70, container=False)
-                with gr.Row():
-                    mask_threshold = gr.Slider(0, 20, value=5, step=0.01, label="Mask threshold (z units)")
-                    image_threshold = gr.Slider(0, 40, value=10, step=0.01, label="Verdict threshold (score)")
-                details = gr.JSON(label="Details", elem_id="details")
-        with gr.Tab("Diffusion timesteps"):
-            t_slider = gr.Slider(0, len(VIEW_TIMESTEPS) - 1, value=0, step=1,
-                                 label="Timestep: " + ", ".join(f"{i}→t={t}" for i, t in enumerate(VIEW_TIMESTEPS)))
-            with gr.Row():
-                xt_img = gr.Image(label="Noised input x_t", interactive=False)
-                x0_img = gr.Image(label="Model's clean estimate x̂0", interactive=False)
-                kl_img = gr.Image(label="Per-pixel KL (z)", interactive=False)
-                feat_img = gr.Image(label="Feature error (z)", interactive=False)
-            step_text = gr.Markdown()
-        with gr.Tab("Morph to normal"):
-            with gr.Row():
-                step_size = gr.Slider(0.005, 0.1, value=MorphConfig.step_size, step=0.005, label="Step size s")
-                denoise_every = gr.Slider(1, 20, value=MorphConfig.denoise_every, step=1, label="Denoise every N_d steps")
-                loops = gr.Slider(1, MAX_MORPH_LOOPS, value=MorphConfig.max_loops, step=1, label="Max loops")
-                seed = gr.Number(MorphConfig.seed, precision=0, minimum=0, maximum=2**32 - 1, label="Seed")
-                keep_normal = gr.Checkbox(True, label="Only change what looks anomalous (off: the paper's morph)")
-            morph_button = gr.Button("Morph", variant="primary", elem_id="morph")
-            morph_status = gr.Markdown()
-            with gr.Row():
-                frame_img = gr.Image(label="Current frame", interactive=False)
-                frame_map = gr.Image(label="Its anomaly map", interactive=False)
-            compare = gr.ImageSlider(label="Before / after", interactive=False)
-            downloads = gr.File(label="Download (GIF, MP4, before/after PNG)", file_count="multiple", interactive=False)
-        with gr.Accordion("How it works", open=False):
-            gr.Markdown(HOW_IT_WORKS)
-
-        analysis_outputs = [analysis_state, verdict, details, result, bar, map_choice, mask_threshold, image_threshold,
-                            xt_img, x0_img, kl_img, feat_img, step_text, t_slider]
-        analyse_button.click(run_analysis, [image_in, category], analysis_outputs, api_name="analyse", concurrency_id="model")
-        image_in.upload(run_analysis, [image_in, category], analysis_outputs, api_visibility="private", concurrency_id="model")
-        redraw_inputs = [analysis_state, map_choice, mask_threshold, image_threshold]
-        mask_threshold.change(redraw, redraw_inputs, [result, verdict], api_name="threshold", concurrency_limit=None, show_progress="hidden")
-        for trigger in (map_choice.change, image_threshold.change):
-            trigger(redraw, redraw_inputs, [result, verdict], api_visibility="private", concurrency_limit=None, show_progress="hidden")
-        t_slider.change(scrub, [analysis_state, t_slider], [xt_img, x0_img, kl_img, feat_img, step_text], api_name="timestep",
-                        concurrency_limit=None, show_progress="hidden")
-        morph_button.click(run_morph, [image_in, category, step_size, denoise_every, loops, seed, keep_normal],
-                           [frame_img, frame_map, morph_status, compare, downloads], api_name="morph", concurrency_id="model")
-        category.change(lambda: None, None, analysis_state, api_visibility="private")
+        ui = _layout(categories, default, registry.hub_note or "Using the local checkpoints/ folder.")
+        _wire(ui, registry)
     return demo
+
+
+def _layout(categories, default, source_note) -> SimpleNamespace:
+    ui = SimpleNamespace(state=gr.State(None))
+    gr.Markdown(intro_markdown(), elem_id="header")
+    with gr.Row():
+        with gr.Column(scale=2):
+            ui.category = gr.Dropdown(categories, value=default, label="Category", elem_id="category")
+            # image_mode=None hands the file over untouched: diffad.data.read_image does modes, alpha and EXIF itself.
+            ui.photo = lenient(gr.Image(type="filepath", image_mode=None, sources=["upload", "clipboard", "webcam"],
+                                         label="Photo", elem_id="photo", height=280))
+            ui.analyse = gr.Button("Analyse", variant="primary", elem_id="analyse")
+            rows, labels = example_rows()
+            ui.examples = gr.Examples(rows, inputs=[ui.photo, ui.category], example_labels=labels, label="Examples",
+                                      examples_per_page=max(1, len(rows)), elem_id="examples") if rows else None
+            gr.Markdown(f"<small>{source_note}" + ("" if categories else " No checkpoints found: train one with "
+                        "`diffad train`.") + "</small>", elem_id="source-note")
+        with gr.Column(scale=3):
+            ui.verdict = gr.Markdown(WELCOME, elem_id="verdict")
+            ui.map_choice = gr.Radio(list(MAP_CHOICES), value=next(iter(MAP_CHOICES)), label="Map",
+                                     info="Combined is what the verdict uses; RGB error is plain colour difference.")
+            ui.result = gr.Image(label="Anomaly map (green outline: flagged area; white: the example's known defect)",
+                                 interactive=False, elem_id="result", height=460, buttons=["download", "fullscreen"])
+            with gr.Row():
+                # Gradio's own ↺ would go back to these placeholders: ours go back to the calibrated values.
+                with gr.Column(min_width=220):
+                    ui.mask_threshold = gr.Slider(0, 20, value=5, step=0.01, label="Mask threshold (z units)",
+                                                  elem_id="mask-threshold", buttons=[])
+                    ui.mask_reset = gr.Button("↺ calibrated", elem_id="mask-reset", size="sm")
+                with gr.Column(min_width=220):
+                    ui.image_threshold = gr.Slider(0, 40, value=10, step=0.01, label="Verdict threshold (score)",
+                                                   elem_id="image-threshold", buttons=[])
+                    ui.image_reset = gr.Button("↺ calibrated", elem_id="image-reset", size="sm")
+            with gr.Accordion("Details", open=False):
+                ui.details = gr.JSON(label="Details", elem_id="details")
+    with gr.Tab("Diffusion timesteps", elem_id="timesteps-tab"):
+        ui.t_slider = gr.Slider(5, 500, value=5, step=5, label="Timestep t", elem_id="t-slider", buttons=[],
+                                info="Computed at t = 5, 10, 20, 50 and every 50 up to 500; other values show the nearest.")
+        with gr.Row():
+            ui.xt = gr.Image(label="Noised input x_t", interactive=False, elem_id="xt")
+            ui.x0 = gr.Image(label="Model's clean estimate x̂0", interactive=False, elem_id="x0")
+            ui.kl = gr.Image(label="Per-pixel KL (z)", interactive=False, elem_id="kl")
+            ui.feat = gr.Image(label="Feature error (z)", interactive=False, elem_id="feat")
+        gr.Image(step_colorbar(), show_label=False, interactive=False, height=60, container=False, buttons=[])
+        ui.step_text = gr.Markdown(elem_id="step-text")
+    with gr.Tab("Morph to normal", elem_id="morph-tab"):
+        with gr.Row():
+            ui.step_size = gr.Slider(0.005, 0.1, value=MorphConfig.step_size, step=0.005, label="Step size s")
+            ui.denoise_every = gr.Slider(1, 20, value=MorphConfig.denoise_every, step=1, label="Denoise every N_d steps")
+            ui.loops = gr.Slider(1, MAX_MORPH_LOOPS, value=MorphConfig.max_loops, step=1, label="Max loops", elem_id="loops")
+            ui.seed = gr.Number(MorphConfig.seed, precision=0, minimum=0, maximum=2**32 - 1, label="Seed")
+            ui.keep_normal = gr.Checkbox(True, label="Only change what looks anomalous (off: the paper's morph)")
+        ui.morph = gr.Button("Morph", variant="primary", elem_id="morph")
+        ui.morph_status = gr.Markdown(elem_id="morph-status")
+        with gr.Row():
+            ui.frame = gr.Image(label="Current frame", interactive=False, elem_id="frame")
+            ui.frame_map = gr.Image(label="Its anomaly map", interactive=False, elem_id="frame-map")
+        ui.compare = gr.ImageSlider(label="Before / after", interactive=False, elem_id="compare")
+        ui.downloads = gr.File(label="Download (GIF, MP4, before/after PNG)", file_count="multiple", interactive=False,
+                               elem_id="downloads")
+    with gr.Accordion("How it works", open=False):
+        gr.Markdown(HOW_IT_WORKS)
+    ui.api_trigger = gr.Button(visible=False)  # /analyse for API clients: errors raised, not shown as a message
+    return ui
+
+
+def _wire(ui: SimpleNamespace, registry: CheckpointRegistry) -> None:
+    outputs = [ui.state, ui.verdict, ui.details, ui.result, ui.map_choice, ui.mask_threshold, ui.image_threshold,
+               ui.xt, ui.x0, ui.kl, ui.feat, ui.step_text, ui.t_slider,
+               ui.frame, ui.frame_map, ui.morph_status, ui.compare, ui.downloads]
+    inputs = [ui.photo, ui.category]
+    ui.api_trigger.click(functools.partial(analyse_api, registry), inputs, outputs, api_name="analyse", concurrency_id="model")
+    page = functools.partial(analyse_page, registry)
+    page_outputs = outputs + [ui.photo]  # an unreadable upload is removed, not left as a broken picture
+    # Clear at once (no queue), then analyse: a new photo or category never sits beside the old results.
+    triggers = [ui.photo.upload, ui.analyse.click, ui.category.input]
+    if ui.examples is not None:  # an example sets the photo and the category, then this runs once
+        triggers.append(ui.examples.load_input_event.then)
+    for trigger in triggers:
+        trigger(analysing, [ui.category], page_outputs, queue=False, show_progress="hidden", api_visibility="private").then(
+            page, inputs, page_outputs, api_visibility="private", concurrency_id="model", trigger_mode="always_last",
+            show_progress_on=[ui.result])
+    ui.photo.clear(lambda: cleared_outputs(WELCOME), None, outputs, queue=False, api_visibility="private")
+    views = [ui.result, ui.verdict, ui.details]
+    redraw_inputs = [ui.state, ui.map_choice, ui.mask_threshold, ui.image_threshold]
+    ui.mask_threshold.change(redraw, redraw_inputs, views, api_name="threshold", concurrency_limit=None, show_progress="hidden")
+    for trigger in (ui.map_choice.change, ui.image_threshold.change):
+        trigger(redraw, redraw_inputs, views, api_visibility="private", concurrency_limit=None, show_progress="hidden")
+    for which, button, slider in (("mask", ui.mask_reset, ui.mask_threshold), ("image", ui.image_reset, ui.image_threshold)):
+        button.click(functools.partial(calibrated_threshold, which), [ui.state], [slider], api_visibility="private", queue=False)
+    ui.t_slider.change(scrub, [ui.state, ui.t_slider], [ui.xt, ui.x0, ui.kl, ui.feat, ui.step_text], api_name="timestep",
+                       concurrency_limit=None, show_progress="hidden")
+    ui.t_slider.release(snap_timestep, [ui.state, ui.t_slider], [ui.t_slider], api_visibility="private", queue=False)
+    ui.morph.click(functools.partial(run_morph, registry),
+                   [ui.photo, ui.category, ui.step_size, ui.denoise_every, ui.loops, ui.seed, ui.keep_normal],
+                   [ui.frame, ui.frame_map, ui.morph_status, ui.compare, ui.downloads], api_name="morph", concurrency_id="model")
 
 
 def _finite(value, name: str) -> float:
@@ -305,8 +451,8 @@ def picture_file(picture: np.ndarray) -> str:
     return str(path)
 
 
-def step_files(analysis, index) -> tuple:
-    *pictures, text = step_view(analysis, index)
+def step_files(analysis, t) -> tuple:
+    *pictures, text = step_view(analysis, t)
     return (*map(picture_file, pictures), text)
 
 

@@ -43,9 +43,9 @@ def main(argv=None):
             t0 = time.perf_counter()
             client.predict(handle_file(images[i % len(images)]), args.category, api_name="/analyse")
             analyse.append(time.perf_counter() - t0)
-            for index in (2, 6, 10):
+            for t in (20, 200, 400):  # the slider is in diffusion timesteps
                 t0 = time.perf_counter()
-                client.predict(index, api_name="/timestep")
+                client.predict(t, api_name="/timestep")
                 scrub.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             client.predict("Combined", 5.0, 20.0, api_name="/threshold")

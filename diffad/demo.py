@@ -1,6 +1,7 @@
-"""What the web demo shows, computed without any UI toolkit: analyses, overlays, timestep views, morph frames.
+"""The UI-free layer of the web demo: one analysis, what it says (verdict, summary, notes) and its pictures.
 
-app.py wires these functions to Gradio; keeping them here makes them testable and reusable from other front ends.
+app.py only lays these out; everything a user reads about a result is decided here, so the page, the API and the
+tests agree. Texts that are expected to change (the timestep explanation, the morph's messages) live in one place each.
 """
 from __future__ import annotations
 
@@ -12,16 +13,25 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .data import DataError, to_uint8
+from .data import DataError, read_image, to_uint8
 from .detector import AnomalyDetector
 from .scoring import feature_kind
-from .train import CALIBRATED_TIMESTEPS
-from .visualize import anomaly_picture, heatmap, outline, overlay
+from .visualize import anomaly_picture, display_range, heatmap, outline, overlay
 
-VIEW_TIMESTEPS = CALIBRATED_TIMESTEPS
 MAP_CHOICES = {"Combined": "anomaly", "Pixel KL": "pixel", "Feature error": "feature", "RGB error": "rgb"}
+MAP_HELP = {
+    "anomaly": "the anomaly map the verdict uses: KL and feature error, z-normalised and summed over timesteps",
+    "pixel": "per-pixel KL divergence between the model's and the true denoising step",
+    "feature": "how far the model's reconstruction of EfficientNet features is from the photo's",
+    "rgb": "plain colour difference between the photo and the model's clean estimate x̂0 (not used in the score)",
+}
 # Per-timestep maps are shown in z units (standard deviations above normal pixels) on this scale.
 STEP_Z_RANGE = (0.0, 8.0)
+# Pictures are shown with their long side this long (maps are upsampled from the model's resolution).
+DISPLAY_SIDE = 512
+PANEL_SIDE = 256
+# Below this many pixels on a side a photo has less detail than the model's smallest defects.
+SMALL_SIDE = 32
 
 
 @dataclass
@@ -29,20 +39,32 @@ class Analysis:
     """Everything one analysis shows; scrubbing and threshold changes only read it."""
 
     category: str
-    image: np.ndarray  # (R, R, 3) uint8
-    maps: dict  # MAP_CHOICES value -> (R, R) float32
+    image: np.ndarray  # (H, W, 3) uint8 at display size and the photo's own aspect
+    maps: dict  # MAP_CHOICES value -> (R, R) float32 at the model's resolution
     score: float
     percentile: float
-    image_threshold: float
+    image_threshold: float  # the calibrated ones; the sliders may differ
     pixel_threshold: float
-    steps: list = field(default_factory=list)  # dicts: t, xt, x0_hat, kl, feature (uint8 pictures)
-    known_mask: np.ndarray | None = None
+    photo_size: tuple[int, int]  # (width, height) of the uploaded photo
+    steps: list = field(default_factory=list)  # dicts: t, signal, xt, x0_hat, kl, feature (uint8 pictures)
+    known_mask: np.ndarray | None = None  # (H, W) bool at display size
+    ood_distance: float | None = None
+    ood_threshold: float | None = None
+    source: str = ""  # "local" or "Hub <repo>": never a server path
+
+    @property
+    def timesteps(self) -> list[int]:
+        return [s["t"] for s in self.steps]
+
+    @property
+    def display_size(self) -> tuple[int, int]:
+        return self.image.shape[1], self.image.shape[0]
 
 
 def known_examples(examples_root) -> dict[str, dict]:
     """sha256 of each example image -> its manifest entry (with the mask path resolved)."""
     found = {}
-    for manifest in Path(examples_root).glob("*/manifest.json"):
+    for manifest in sorted(Path(examples_root).glob("*/manifest.json")):
         for entry in json.loads(manifest.read_text()).get("images", []):
             entry = dict(entry, path=str(manifest.parent / entry["file"]))
             if entry.get("mask"):
@@ -52,8 +74,27 @@ def known_examples(examples_root) -> dict[str, dict]:
     return found
 
 
+def example_label(entry: dict) -> str:
+    kind = entry.get("kind", "example").replace("_", " ")
+    return f"{entry['category'].replace('_', ' ')} · {kind}"
+
+
 def sha256_of(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def display_size(width: int, height: int, side: int = DISPLAY_SIDE) -> tuple[int, int]:
+    """(width, height) with the long side `side` and the photo's aspect (at least 1 px each)."""
+    scale = side / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def resize_map(amap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    return np.asarray(Image.fromarray(np.asarray(amap, dtype=np.float32)).resize(size, Image.BILINEAR))
+
+
+def resize_picture(picture: np.ndarray, size: tuple[int, int], resample=Image.BICUBIC) -> np.ndarray:
+    return np.asarray(Image.fromarray(picture).resize(size, resample))
 
 
 def _z(values: np.ndarray, stats: list | None) -> np.ndarray:
@@ -62,8 +103,7 @@ def _z(values: np.ndarray, stats: list | None) -> np.ndarray:
     return (values - stats[0]) / max(stats[1], 1e-12)
 
 
-def analyse(detector: AnomalyDetector, image, known_mask: np.ndarray | None = None, seed: int | None = None) -> Analysis:
-    prediction = detector.predict(image, seed=seed, view_timesteps=VIEW_TIMESTEPS)
+def _step_views(detector: AnomalyDetector, prediction, size: tuple[int, int]) -> list[dict]:
     stats = detector.calibration.step_stats
     steps = []
     for step in prediction.steps:
@@ -71,34 +111,127 @@ def analyse(detector: AnomalyDetector, image, known_mask: np.ndarray | None = No
         steps.append({
             "t": step.t,
             "signal": float(detector.diffusion.sqrt_alphas_cumprod[step.t]),
-            "xt": to_uint8(step.xt.clamp(-1, 1)),
-            "x0_hat": to_uint8(step.x0_hat),
-            "kl": heatmap(_z(step.kl, step_stats.get("kl")), *STEP_Z_RANGE),
+            "xt": resize_picture(to_uint8(step.xt.clamp(-1, 1)), size),
+            "x0_hat": resize_picture(to_uint8(step.x0_hat), size),
+            "kl": resize_picture(heatmap(_z(step.kl, step_stats.get("kl")), *STEP_Z_RANGE), size),
             # The finest map: pooled ones spread one defect over 72 px and saturate this fixed scale on texture.
-            "feature": heatmap(_z(step.feature, step_stats.get(feature_kind(min(step.features)))), *STEP_Z_RANGE),
+            "feature": resize_picture(heatmap(_z(step.feature, step_stats.get(feature_kind(min(step.features)))), *STEP_Z_RANGE), size),
         })
-    if known_mask is not None and known_mask.shape != prediction.anomaly_map.shape:
-        known_mask = np.asarray(Image.fromarray(known_mask.astype(np.uint8) * 255).resize(prediction.anomaly_map.shape[::-1], Image.NEAREST)) > 127
+    return steps
+
+
+def analyse(detector: AnomalyDetector, image, known_mask: np.ndarray | None = None, seed: int | None = None,
+            ood=None, source: str = "") -> Analysis:
+    """Score a photo and keep what the page shows. `ood`: a diffad.ood.FeatureDistance for this category."""
+    photo = read_image(image)
+    size = display_size(*photo.size)
+    timesteps = sorted(int(t) for t in detector.calibration.step_stats)
+    prediction = detector.predict(photo, seed=seed, view_timesteps=timesteps)
+    if known_mask is not None:
+        known_mask = np.asarray(Image.fromarray(known_mask.astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 127
+    distance = None
+    if ood is not None:
+        from .ood import global_features
+
+        distance = float(ood.distance(global_features(detector.backbone, prediction.image[None]))[0])
     return Analysis(
         category=detector.category,
-        image=to_uint8(prediction.image),
+        image=np.asarray(photo.resize(size, Image.BICUBIC)),
         maps={"anomaly": prediction.anomaly_map.astype(np.float32), "pixel": prediction.pixel_map.astype(np.float32),
               "feature": prediction.feature_map.astype(np.float32), "rgb": prediction.rgb_map.astype(np.float32)},
         score=prediction.score,
         percentile=prediction.percentile,
         image_threshold=detector.calibration.image_threshold,
         pixel_threshold=detector.calibration.pixel_threshold,
-        steps=steps,
+        photo_size=photo.size,
+        steps=_step_views(detector, prediction, display_size(*photo.size, PANEL_SIDE)),
         known_mask=known_mask,
+        ood_distance=distance,
+        ood_threshold=None if ood is None else float(ood.threshold),
+        source=source,
     )
 
 
+def is_anomalous(analysis: Analysis, image_threshold: float) -> bool:
+    """The one verdict: the headline, the text and the JSON all read it."""
+    return analysis.score > image_threshold
+
+
+def flagged_fraction(analysis: Analysis, mask_threshold: float) -> float:
+    return float(np.mean(analysis.maps["anomaly"] > mask_threshold))
+
+
+def slider_ranges(analysis: Analysis) -> dict:
+    """(minimum, maximum, calibrated value) of the two threshold sliders. The mask slider spans the colour bar."""
+    top_score = max(2 * analysis.image_threshold, analysis.score * 1.2, 1.0)
+    return {"mask": (0.0, round(display_range(analysis.pixel_threshold)[1], 2), round(analysis.pixel_threshold, 2)),
+            "image": (0.0, round(top_score, 2), round(analysis.image_threshold, 2))}
+
+
+def looks_unlike_category(analysis: Analysis) -> bool:
+    return analysis.ood_distance is not None and analysis.ood_distance > analysis.ood_threshold
+
+
+def notes(analysis: Analysis) -> list[str]:
+    """Warnings that change how far the verdict can be trusted."""
+    found = []
+    width, height = analysis.photo_size
+    if min(width, height) < SMALL_SIDE:
+        found.append(f"This photo is only {width}×{height} px; the model looks at {analysis.maps['anomaly'].shape[1]} px "
+                     f"squares, so a photo this small has too little detail for the verdict to mean much.")
+    if looks_unlike_category(analysis):
+        found.append(f"This does not look like a `{analysis.category}` photo at all (its overall appearance is "
+                     f"{analysis.ood_distance / analysis.ood_threshold:.1f}× further from normal `{analysis.category}` "
+                     f"images than the cut-off): the verdict says it is unusual, not what is wrong with it. "
+                     f"Is the category right?")
+    return found
+
+
+def summary(analysis: Analysis, image_threshold: float, mask_threshold: float) -> dict:
+    """The Details JSON: the same verdict as the headline, for the thresholds in use."""
+    result = {
+        "category": analysis.category, "verdict": "anomalous" if is_anomalous(analysis, image_threshold) else "normal",
+        "score": round(analysis.score, 4), "verdict_threshold": round(float(image_threshold), 4),
+        "calibrated_verdict_threshold": round(analysis.image_threshold, 4),
+        "percentile_of_normal_scores": round(analysis.percentile, 2),
+        "mask_threshold": round(float(mask_threshold), 4), "calibrated_mask_threshold": round(analysis.pixel_threshold, 4),
+        "flagged_area_percent": round(100 * flagged_fraction(analysis, mask_threshold), 2),
+        "photo_size": list(analysis.photo_size),
+        "looks_like_category": None if analysis.ood_distance is None else not looks_unlike_category(analysis),
+        "checkpoint": analysis.source,
+    }
+    if analysis.ood_distance is not None:
+        result["appearance_distance"] = round(analysis.ood_distance, 2)
+        result["appearance_cutoff"] = round(analysis.ood_threshold, 2)
+    return result
+
+
+def verdict_markdown(analysis: Analysis, image_threshold: float, mask_threshold: float) -> str:
+    anomalous = is_anomalous(analysis, image_threshold)
+    icon = "🔴 **Anomalous**" if anomalous else "🟢 **Normal**"
+    relation = "above" if anomalous else "at or below"
+    calibrated = ("the calibrated one" if np.isclose(image_threshold, analysis.image_threshold, atol=5e-3)
+                  else f"calibrated: {analysis.image_threshold:.2f}")
+    text = (
+        f"### {icon}\n"
+        f"Score **{analysis.score:.2f}** is {relation} the verdict threshold **{image_threshold:.2f}** ({calibrated}). "
+        f"For reference, {analysis.percentile:.0f}% of held-out normal `{analysis.category}` images score lower.  \n"
+        f"Flagged area: {100 * flagged_fraction(analysis, mask_threshold):.2f}% of the image (mask threshold {mask_threshold:.2f})."
+    )
+    return text + "".join(f"\n\n⚠️ {note}" for note in notes(analysis))
+
+
+def message_markdown(text: str) -> str:
+    """A problem with the input, shown where the verdict goes."""
+    return f"### ⚠️ Cannot analyse this\n{text}"
+
+
 def map_picture(analysis: Analysis, map_label: str, mask_threshold: float) -> np.ndarray:
-    """The chosen map over the image, the predicted mask outlined in green and a known defect mask in white."""
+    """The chosen map over the photo at its own aspect: predicted mask outlined in green, a known defect in white."""
     key = MAP_CHOICES.get(map_label)
     if key is None:
         raise DataError(f"unknown map {map_label!r}; choose from {', '.join(MAP_CHOICES)}")
-    amap = analysis.maps[key]
+    amap = resize_map(analysis.maps[key], analysis.display_size)
     if key == "anomaly":
         return anomaly_picture(analysis.image, amap, analysis.pixel_threshold, mask_threshold, analysis.known_mask)
     # The other maps have their own units: show them between their median and 99.9th percentile.
@@ -108,49 +241,129 @@ def map_picture(analysis: Analysis, map_label: str, mask_threshold: float) -> np
     return picture
 
 
-def verdict_markdown(analysis: Analysis, image_threshold: float, mask_threshold: float) -> str:
-    anomalous = analysis.score > image_threshold
-    area = float(np.mean(analysis.maps["anomaly"] > mask_threshold)) * 100
-    icon = "🔴 **Anomalous**" if anomalous else "🟢 **Normal**"
-    return (
-        f"### {icon}\n"
-        f"Score **{analysis.score:.2f}** (threshold {image_threshold:.2f}) — higher than "
-        f"**{analysis.percentile:.1f}%** of held-out normal `{analysis.category}` images.  \n"
-        f"Flagged area: {area:.2f}% of the image (mask threshold {mask_threshold:.2f})."
-    )
+def map_colorbar(analysis: Analysis, map_label: str, mask_threshold: float, width: int) -> np.ndarray:
+    """The colour bar of map_picture's colours, with the mask threshold marked on the combined map."""
+    key = MAP_CHOICES.get(map_label, "anomaly")
+    if key == "anomaly":
+        vmin, vmax = display_range(analysis.pixel_threshold)
+        return colorbar(vmin, vmax, "anomaly, z units (▲ and green outline: mask threshold)", width, marker=mask_threshold)
+    amap = analysis.maps[key]
+    return colorbar(float(np.median(amap)), float(np.quantile(amap, 0.999)),
+                    f"{map_label}: this photo's median to 99.9th percentile", width)
 
 
+def map_with_colorbar(analysis: Analysis, map_label: str, mask_threshold: float) -> np.ndarray:
+    """map_picture with its colour bar underneath, so the two never disagree."""
+    picture = map_picture(analysis, map_label, mask_threshold)
+    bar = map_colorbar(analysis, map_label, mask_threshold, max(picture.shape[1], 360))
+    if bar.shape[1] > picture.shape[1]:  # a tall, narrow photo: centre it over the bar
+        pad = bar.shape[1] - picture.shape[1]
+        picture = np.pad(picture, ((0, 0), (pad // 2, pad - pad // 2), (0, 0)), constant_values=255)
+    return np.concatenate([picture, np.full((6, picture.shape[1], 3), 255, np.uint8), bar])
+
+
+# The timestep explanation; the KL sentence is expected to be reworded (issue 19): change it here only.
 STEP_TEXT = (
-    "At t = {t} the image is mixed with noise (signal kept: {signal:.0%}). The model sees only x_t and estimates the "
+    "**t = {t}**: the photo is mixed with noise (signal kept: {signal:.0%}). The model sees only x_t and estimates the "
     "clean image x̂0. Where the input is normal, the model's reverse step matches the true one and the KL map stays "
     "dark; a defect looks like noise the model wants to remove, so the KL (and the feature error) light up there. "
     "Small t shows fine detail, large t shows larger structures."
 )
+STEP_SCALE_TEXT = (
+    "**(z)**: standard deviations above what normal `{category}` pixels show at this timestep (0 = typical, "
+    "{top:g} or more = red). **Feature error**: how far the model's reconstruction of EfficientNet features of the clean "
+    "image is from the photo's own features."
+)
 
 
-def step_view(analysis: Analysis, index: int) -> tuple:
-    """(x_t, x̂0, KL map, feature map, explanation) at one of the precomputed timesteps."""
+def nearest_timestep(analysis: Analysis, t: float) -> int:
     if not analysis.steps:
         raise DataError("analyse an image first")
-    index = int(min(max(int(index), 0), len(analysis.steps) - 1))
-    step = analysis.steps[index]
-    return step["xt"], step["x0_hat"], step["kl"], step["feature"], STEP_TEXT.format(t=step["t"], signal=step["signal"])
+    return min(analysis.timesteps, key=lambda s: (abs(s - float(t)), s))
 
 
-def colorbar(vmin: float, vmax: float, label: str, width: int = 320, cmap: str = "jet") -> np.ndarray:
-    """A horizontal colour bar with its end values, as an image."""
+def step_view(analysis: Analysis, t: float) -> tuple:
+    """(x_t, x̂0, KL map, feature map, explanation) at the computed timestep nearest to t."""
+    shown = nearest_timestep(analysis, t)
+    step = analysis.steps[analysis.timesteps.index(shown)]
+    text = STEP_TEXT.format(t=shown, signal=step["signal"])
+    if shown != round(float(t)):
+        text = f"(nearest computed timestep to {float(t):g}) " + text
+    text += "\n\n" + STEP_SCALE_TEXT.format(category=analysis.category, top=STEP_Z_RANGE[1])
+    return step["xt"], step["x0_hat"], step["kl"], step["feature"], text
+
+
+def colorbar(vmin: float, vmax: float, label: str, width: int = 512, cmap: str = "jet",
+             marker: float | None = None) -> np.ndarray:
+    """A horizontal colour bar with ticks (none clipped at the ends) and an optional ▲ marker, as an image."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(width / 100, 0.55), dpi=100)
+    fig, ax = plt.subplots(figsize=(width / 100, 0.7), dpi=100)
     ax.imshow(np.linspace(0, 1, 256)[None], aspect="auto", cmap=cmap, extent=(vmin, vmax, 0, 1))
+    ax.set_xlim(vmin, vmax)
     ax.set_yticks([])
     ax.set_xlabel(label, fontsize=7)
     ax.tick_params(labelsize=7)
-    fig.tight_layout(pad=0.1)
+    if marker is not None and vmin <= marker <= vmax:
+        ax.axvline(marker, color="white", linewidth=2)
+        ax.plot([marker], [0], marker="^", color="black", markersize=7, clip_on=False)
+    fig.subplots_adjust(left=0.04, right=0.96, bottom=0.5, top=0.95)
     fig.canvas.draw()
     picture = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
     plt.close(fig)
     return picture
+
+
+def step_colorbar() -> np.ndarray:
+    return colorbar(*STEP_Z_RANGE, "KL and feature error panels: z units over normal pixels at this t", width=512)
+
+
+# The morph's messages; issue 19 will reword the end message ("scores like a typical normal part"): here only.
+def morph_status(frame, image_threshold: float) -> str:
+    return (f"Step {frame.step} (loop {frame.loop}): score **{frame.score:.2f}** (threshold {image_threshold:.2f})"
+            + (" — normal ✅" if frame.is_normal else ""))
+
+
+def morph_done(status: str, loops: int) -> str:
+    return status + f" — done after {loops} loops."
+
+
+MORPH_STARTED = "Morphing… the first frame is the photo itself."
+
+
+class MorphCanvas:
+    """Morph frames at the photo's own aspect and resolution (long side up to DISPLAY_SIDE).
+
+    The morph works at the model's resolution; only the *change* it makes is upsampled and added to the photo,
+    so untouched regions keep the photo's own detail instead of a 256-px copy of it.
+    """
+
+    def __init__(self, photo, first_frame: np.ndarray):
+        photo = read_image(photo)
+        self.size = display_size(*photo.size, min(DISPLAY_SIDE, max(photo.size)))
+        self.photo = np.asarray(photo.resize(self.size, Image.BICUBIC), dtype=np.float32)
+        self.first = first_frame.astype(np.float32)
+
+    def __call__(self, frame: np.ndarray) -> np.ndarray:
+        change = np.stack([resize_map(c, self.size) for c in np.moveaxis(frame.astype(np.float32) - self.first, -1, 0)], -1)
+        return np.clip(self.photo + change, 0, 255).round().astype(np.uint8)
+
+
+# The GIF: a steady frame rate, cross-fades between morph frames, the first and last held so the change reads.
+GIF_FRAME_MS = 80
+GIF_FADE_FRAMES = 6
+GIF_HOLD_FRAMES = 12
+
+
+def export_morph_gif(frames: list[np.ndarray], path) -> Path:
+    sequence = [frames[0]] * GIF_HOLD_FRAMES
+    for a, b in zip(frames, frames[1:]):
+        a, b = a.astype(np.float32), b.astype(np.float32)
+        sequence += [(a + (b - a) * (i / GIF_FADE_FRAMES)).round().astype(np.uint8) for i in range(1, GIF_FADE_FRAMES + 1)]
+    sequence += [frames[-1]] * GIF_HOLD_FRAMES
+    images = [Image.fromarray(f) for f in sequence]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=GIF_FRAME_MS, loop=0, optimize=False)
+    return Path(path)

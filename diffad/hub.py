@@ -52,7 +52,7 @@ def model_card(folder: Path, repo_id: str, licence: str, data_note: str) -> str:
 
 def push(folder, repo_id: str, licence: str = "cc-by-nc-sa-4.0", data_note: str = "", revision: str | None = None,
          private: bool = False) -> str:
-    """Upload config.json, model.safetensors (and metrics.md) to `repo_id/<category>/`, with a model card."""
+    """Upload config.json, model.safetensors (and ood.safetensors, metrics.md) to `repo_id/<category>/`, with a model card."""
     from huggingface_hub import HfApi
 
     folder = Path(folder)
@@ -64,7 +64,7 @@ def push(folder, repo_id: str, licence: str = "cc-by-nc-sa-4.0", data_note: str 
     api.upload_file(path_or_fileobj=card.encode(), path_in_repo=f"{category}/README.md", repo_id=repo_id, revision=revision)
     commit = api.upload_folder(
         folder_path=str(folder), path_in_repo=category, repo_id=repo_id, revision=revision,
-        allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, "metrics.md", "metrics.json", "train_log.csv"],
+        allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, "ood.safetensors", "metrics.md", "metrics.json", "train_log.csv"],
         commit_message=f"diffad: upload {category}",
     )
     return str(getattr(commit, "commit_url", commit))

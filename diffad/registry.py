@@ -10,6 +10,7 @@ import torch
 
 from .checkpoint import CheckpointError, list_local_categories, load_checkpoint, validate_category
 from .detector import AnomalyDetector
+from .ood import FILE_NAME as OOD_FILE, FeatureDistance
 
 log = logging.getLogger(__name__)
 # Listing the Hub repo at start-up must not hang the app on a network that drops packets.
@@ -31,6 +32,7 @@ class CheckpointRegistry:
         self.hub_offline = False
         self._loaded: OrderedDict[str, tuple[AnomalyDetector, str]] = OrderedDict()
         self._lock = threading.Lock()
+        self._feature_distances: dict[str, FeatureDistance | None] = {}
         self._hub_categories: list[str] | None = None
         self.hub_note = ""
         # A GPU is used automatically when there is one (a GPU Space, a workstation).
@@ -106,6 +108,31 @@ class CheckpointRegistry:
                 self._loaded.popitem(last=False)
             return loaded
 
+    def feature_distance(self, category: str) -> FeatureDistance | None:
+        """The category's 'does this look like it at all?' statistic (diffad.ood), or None where it was never made."""
+        if category not in self._feature_distances:
+            self._feature_distances[category] = self._load_feature_distance(category)
+        return self._feature_distances[category]
+
+    def _load_feature_distance(self, category: str) -> FeatureDistance | None:
+        validate_category(category)
+        candidates = [self.local_root / category / OOD_FILE]
+        if self.hub_repo:
+            try:
+                from huggingface_hub import hf_hub_download
+
+                candidates.insert(0, Path(hf_hub_download(self.hub_repo, f"{category}/{OOD_FILE}", revision=self.revision,
+                                                          cache_dir=self.cache_dir, local_files_only=self.hub_offline)))
+            except Exception:  # not published, or offline and not cached: the local file or none
+                pass
+        for path in candidates:
+            if path.is_file():
+                try:
+                    return FeatureDistance.load(path)
+                except (OSError, ValueError) as exc:
+                    log.warning("ignoring %s: %s", path, exc)
+        return None
+
     def _load(self, category: str) -> tuple[AnomalyDetector, str]:
         hub_error = None
         if self.hub_repo:
@@ -119,7 +146,8 @@ class CheckpointRegistry:
             known = ", ".join(self.categories()) or "none"
             raise CheckpointError(f"unknown category {category!r} (available: {known})" + (f"; Hub: {hub_error}" if hub_error else ""))
         detector = load_checkpoint(self.local_root / category, device=self.device)
-        note = f"local: {self.local_root / category}"
+        # The folder's name only: the page and the API never show server paths.
+        note = f"local: {self.local_root.name}/{category}"
         if hub_error:
             note += f" (Hub unavailable: {hub_error})"
         return detector, note

@@ -18,16 +18,22 @@ def heatmap(amap: np.ndarray, vmin: float, vmax: float, cmap: str = "jet") -> np
     return (colormaps[cmap](scaled)[..., :3] * 255).round().astype(np.uint8)
 
 
-def overlay(image: np.ndarray, amap: np.ndarray, vmin: float, vmax: float, alpha: float = 0.5, cmap: str = "jet") -> np.ndarray:
-    """Blend a heat map over an (H, W, 3) uint8 image."""
+def overlay(image: np.ndarray, amap: np.ndarray, vmin: float, vmax: float, alpha: float = 0.5, cmap: str = "jet",
+            fade: bool = False) -> np.ndarray:
+    """Blend a heat map over an (H, W, 3) uint8 image. `fade`: the blend grows from 0 at vmin to `alpha` at the middle
+    of the range, so normal regions show the photo itself rather than under a blue tint."""
     colours = heatmap(amap, vmin, vmax, cmap).astype(np.float32)
-    return (image.astype(np.float32) * (1 - alpha) + colours * alpha).round().astype(np.uint8)
+    weight = alpha
+    if fade:
+        scaled = np.clip((np.asarray(amap, dtype=np.float32) - vmin) / max(vmax - vmin, 1e-12), 0, 1)
+        weight = (alpha * np.minimum(2 * scaled, 1))[..., None]
+    return (image.astype(np.float32) * (1 - weight) + colours * weight).round().astype(np.uint8)
 
 
 def anomaly_picture(image: np.ndarray, amap: np.ndarray, pixel_threshold: float, mask_threshold: float | None = None,
                     known_mask: np.ndarray | None = None) -> np.ndarray:
     """A calibrated anomaly map over the image: known defect outlined in white, predicted mask in green."""
-    picture = overlay(image, amap, *display_range(pixel_threshold))
+    picture = overlay(image, amap, *display_range(pixel_threshold), fade=True)
     if known_mask is not None:
         picture = outline(picture, known_mask, colour=(255, 255, 255))
     threshold = pixel_threshold if mask_threshold is None else mask_threshold

@@ -1,17 +1,27 @@
-"""The Gradio app, driven through gradio_client against a launched server on localhost."""
-import shutil
+"""The Gradio app: through gradio_client against a launched server, and its handlers called directly."""
+import ast
+import json
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
-from tests.conftest import ROOT
+from tests.conftest import BOTTLE, CHECKPOINTS, MAGNETIC_TILE, ROOT
+
+EXAMPLES = ROOT / "examples" / "bottle"
+needs_both = pytest.mark.skipif(not (BOTTLE.is_dir() and MAGNETIC_TILE.is_dir()),
+                                reason=f"real data not found at {BOTTLE} and {MAGNETIC_TILE}")
+# gradio_client drops the State: the /analyse outputs in order.
+OUT = {name: i for i, name in enumerate(("verdict", "details", "map", "map_choice", "mask", "image", "xt", "x0", "kl",
+                                         "feature", "step_text", "t", "frame", "frame_map", "morph_status", "compare",
+                                         "downloads"))}
 
 
 def example_images(dataset: Path):
     return sorted((dataset / "test" / "hole").iterdir())[0], sorted((dataset / "test" / "good").iterdir())[0]
-
-
-EXAMPLES = ROOT / "examples" / "bottle"
 
 
 def test_analyse_scrub_threshold_and_morph(client, tiny_dataset):
@@ -19,20 +29,23 @@ def test_analyse_scrub_threshold_and_morph(client, tiny_dataset):
 
     normal_details = client.predict(handle_file(str(EXAMPLES / "normal_0.png")), "bottle", api_name="/analyse")[1]
     result = client.predict(handle_file(str(EXAMPLES / "crack.png")), "bottle", api_name="/analyse")
-    details = result[1]
+    details = result[OUT["details"]]
     assert details["category"] == "bottle" and details["verdict"] == "anomalous"
     assert details["score"] > normal_details["score"]
     assert details["checkpoint"].startswith("local:") and "Hub unavailable" in details["checkpoint"]
-    assert Path(result[2]).is_file()  # the overlay picture
+    assert Path(result[OUT["map"]]).is_file()
+    # A new analysis leaves nothing of a previous morph on screen.
+    assert all(result[OUT[k]] in (None, "", []) for k in ("frame", "frame_map", "morph_status", "compare", "downloads"))
 
-    # The state holds the last analysis: scrubbing and thresholds answer without recomputation.
-    views = client.predict(5, api_name="/timestep")
+    # The state holds the last analysis: scrubbing (in t units) and thresholds answer without recomputation.
+    views = client.predict(150, api_name="/timestep")
     assert all(Path(p).is_file() for p in views[:4]) and "t = 150" in views[4]
+    assert "t = 50" in client.predict(47, api_name="/timestep")[4]
     score = details["score"]
-    _, verdict = client.predict("Combined", 0.0, score * 1.1, api_name="/threshold")
-    assert "Normal" in verdict and "Flagged area: 0.00%" not in verdict
-    _, verdict = client.predict("Feature error", 0.0, 0.0, api_name="/threshold")
-    assert "Anomalous" in verdict
+    _, verdict, shown = client.predict("Combined", 0.5, score * 1.1, api_name="/threshold")
+    assert "Normal" in verdict and "Flagged area: 0.00%" not in verdict and shown["verdict"] == "normal"
+    _, verdict, shown = client.predict("Feature error", 0.5, 0.0, api_name="/threshold")
+    assert "Anomalous" in verdict and shown["verdict"] == "anomalous"
 
     # "part" exists only in the (offline) Hub cache.
     defective, _ = example_images(tiny_dataset)
@@ -45,42 +58,170 @@ def test_analyse_scrub_threshold_and_morph(client, tiny_dataset):
     assert len(outputs[4]) == 3 and all(Path(f).stat().st_size > 0 for f in outputs[4])
 
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+def test_details_never_name_server_paths(client):
+    from gradio_client import handle_file
+
+    details = client.predict(handle_file(str(EXAMPLES / "hole.png")), "bottle", api_name="/analyse")[1]
+    text = json.dumps(details)
+    assert str(ROOT) not in text and "/tmp" not in text and details["checkpoint"].startswith("local: checkpoints/bottle")
 
 
-@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is not installed (.ci/run installs it)")
-def test_real_browser_upload_and_result(app_server, tmp_path):
-    from playwright.sync_api import sync_playwright
+# In-process: the handlers are module-level functions taking the registry.
+@pytest.fixture(scope="module")
+def registry():
+    from diffad.registry import CheckpointRegistry
 
-    defective = EXAMPLES / "crack.png"
-    flags = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=flags)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1100})
-            page.goto(app_server, wait_until="domcontentloaded", timeout=120_000)
-            page.wait_for_selector("#photo input[type=file]", state="attached", timeout=120_000)
-            page.set_input_files("#photo input[type=file]", str(defective))
-            page.wait_for_function(
-                "document.querySelector('#verdict') && document.querySelector('#verdict').innerText.includes('Score')",
-                timeout=180_000,
-            )
-            verdict = page.inner_text("#verdict")
-            assert "Anomalous" in verdict and "held-out normal bottle images" in verdict
-            page.wait_for_selector("#result img", timeout=60_000)
-            assert page.eval_on_selector("#result img", "img => img.naturalWidth") > 0
-            page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
-        finally:
-            browser.close()
-    assert (tmp_path / "app.png").stat().st_size > 10_000
+    return CheckpointRegistry(local_root=CHECKPOINTS)
+
+
+def no_progress(*args, **kwargs):
+    pass
+
+
+def page(registry, path, category="bottle"):
+    """analyse_page's outputs by name (with the State first and the photo last)."""
+    import app
+
+    outputs = app.analyse_page(registry, str(path) if path else None, category, no_progress)
+    names = ["state", *OUT, "photo"]
+    assert len(outputs) == len(names)
+    return dict(zip(names, outputs))
+
+
+def test_one_verdict_when_the_threshold_moves(registry):
+    import app
+
+    analysis = page(registry, EXAMPLES / "crack.png")["state"]
+    above = analysis.score * 1.5
+    _, verdict, details = app.redraw(analysis, "Combined", analysis.pixel_threshold, above)
+    assert "Normal" in verdict and "Anomalous" not in verdict and details["verdict"] == "normal"
+    assert f"at or below the verdict threshold **{above:.2f}**" in verdict and "higher than" not in verdict
+    _, verdict, details = app.redraw(analysis, "Combined", analysis.pixel_threshold, analysis.image_threshold)
+    assert "Anomalous" in verdict and details["verdict"] == "anomalous"
+
+
+def test_reset_buttons_restore_the_calibrated_thresholds(registry):
+    import app
+
+    analysis = page(registry, EXAMPLES / "crack.png")["state"]
+    assert app.calibrated_threshold("mask", analysis) == round(analysis.pixel_threshold, 2)
+    assert app.calibrated_threshold("image", analysis) == round(analysis.image_threshold, 2)
+    assert abs(analysis.image_threshold - 10) > 0.1 and abs(analysis.pixel_threshold - 5) > 0.1  # not the placeholders
+
+
+def test_mask_slider_spans_the_colour_bar_which_marks_the_threshold(registry):
+    from diffad.demo import map_colorbar, slider_ranges
+    from diffad.visualize import display_range
+
+    out = page(registry, EXAMPLES / "crack.png")
+    analysis = out["state"]
+    low, high, value = slider_ranges(analysis)["mask"]
+    assert (low, high) == tuple(round(v, 2) for v in display_range(analysis.pixel_threshold))
+    assert out["mask"]["maximum"] == high and out["mask"]["value"] == value
+    marked, unmarked = (map_colorbar(analysis, "Combined", t, 512) for t in (value, high + 1))
+    assert (marked != unmarked).any()  # the ▲ at the threshold; none when it is off the bar
+
+
+def test_bad_files_in_the_page_give_one_message_and_no_error(registry, tmp_path):
+    fake = tmp_path / "holiday.png"
+    fake.write_text("not an image")
+    for path in (fake, tmp_path / "notes.txt"):
+        path.write_text("hello")
+        out = page(registry, path)
+        assert "Cannot analyse" in out["verdict"] and path.name in out["verdict"] and str(tmp_path) not in out["verdict"]
+        assert out["state"] is None and out["map"] is None and out["photo"] is None  # the broken upload goes too
+    assert "Pick an example" in page(registry, None)["verdict"]
+
+
+@pytest.mark.parametrize("side", [1, 8])
+def test_tiny_images_get_a_word_about_their_size(registry, tmp_path, side):
+    path = tmp_path / f"{side}.png"
+    Image.fromarray(np.full((side, side, 3), 200, np.uint8)).save(path)
+    out = page(registry, path)
+    assert f"only {side}×{side} px" in out["verdict"] and out["details"]["photo_size"] == [side, side]
+
+
+def test_noise_does_not_look_like_the_category(registry, tmp_path):
+    path = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(path)
+    out = page(registry, path)
+    assert "does not look like a `bottle` photo" in out["verdict"] and out["details"]["looks_like_category"] is False
+
+
+def test_shipped_examples_look_like_their_category(registry):
+    for category in ("bottle", "magnetic_tile"):
+        for path in sorted((ROOT / "examples" / category).glob("*.png")):
+            details = page(registry, path, category)["details"]
+            assert details["looks_like_category"] is True, (path, details)
+
+
+@needs_both
+def test_out_of_distribution_note_on_real_photos(registry):
+    """Real photos: the other category is flagged, the category's own normal and defective test photos are not.
+    The stored reports hold the same rates on images the threshold was not chosen on."""
+    from diffad.data import list_images
+    from diffad.ood import FeatureDistance
+
+    for category, own, other in (("bottle", BOTTLE, MAGNETIC_TILE), ("magnetic_tile", MAGNETIC_TILE, BOTTLE)):
+        report = FeatureDistance.load(CHECKPOINTS / category / "ood.safetensors").report
+        flagged = report["flagged_on_unseen"]
+        assert flagged["held_out_normals"] <= 0.02 and flagged["own_defective_test_images"] <= 0.05
+        assert flagged["other_category"] >= 0.98 and flagged["uniform_noise"] == 1 and flagged["flat_colour"] == 1
+        for path in list_images(own / "test" / "good")[:2] + list_images(own / "test" / sorted(
+                p.name for p in (own / "test").iterdir() if p.name != "good")[0])[:2]:
+            assert page(registry, path, category)["details"]["looks_like_category"] is True, path
+        for path in list_images(other / "test" / "good")[:2]:
+            out = page(registry, path, category)
+            assert out["details"]["looks_like_category"] is False and "does not look like" in out["verdict"], path
+
+
+def test_maps_keep_the_photo_aspect(registry, tmp_path):
+    wide = tmp_path / "wide.png"
+    Image.open(EXAMPLES / "crack.png").convert("RGB").resize((592, 247)).save(wide)
+    out = page(registry, wide)
+    height, width = out["state"].image.shape[:2]
+    assert abs(width / height - 592 / 247) < 0.02 and max(width, height) == 512
+    picture = np.asarray(Image.open(out["map"]))
+    assert picture.shape[1] == 512 and picture.shape[0] > height  # the map, then its colour bar under it
+    assert np.asarray(Image.open(out["xt"])).shape[1] > np.asarray(Image.open(out["xt"])).shape[0]
+
+
+def test_morph_clears_old_results_first_and_exports_a_steady_gif_at_the_input_size(registry, tmp_path):
+    import app
+    from diffad import demo
+
+    photo = tmp_path / "large.png"
+    Image.open(EXAMPLES / "crack.png").convert("RGB").resize((512, 512), Image.BICUBIC).save(photo)
+    updates = list(app.run_morph(registry, str(photo), "bottle", 0.02, 5, 2, 0, True))
+    assert updates[0][3] is None and updates[0][4] is None  # before/after and downloads go at once
+    assert all(u[3] is None and u[4] is None for u in updates[:-1])
+    gif = Image.open(updates[-1][4][0])
+    assert gif.size == (512, 512)
+    durations = []
+    for i in range(gif.n_frames):
+        gif.seek(i)
+        durations.append(gif.info["duration"])
+    loops = len(updates) - 2  # the clearing update and the first frame
+    assert gif.n_frames >= loops * demo.GIF_FADE_FRAMES
+    # Steady in between; the first and last frames are held (identical frames merge into one long one).
+    assert set(durations[1:-1]) == {demo.GIF_FRAME_MS}
+    assert min(durations[0], durations[-1]) >= demo.GIF_HOLD_FRAMES * demo.GIF_FRAME_MS
+
+
+def test_importing_the_app_has_no_side_effects():
+    code = "import PIL.Image as I; before = I.MAX_IMAGE_PIXELS; import app; assert I.MAX_IMAGE_PIXELS == before"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=300)
+
+
+def test_no_function_in_the_app_layers_is_over_120_lines():
+    for path in (ROOT / "app.py", ROOT / "diffad" / "demo.py", ROOT / "diffad" / "ood.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                assert node.end_lineno - node.lineno < 120, f"{path.name}:{node.name}"
 
 
 def test_pictures_shared_by_concurrent_users_are_never_half_written():
     import threading
-
-    import numpy as np
-    from PIL import Image
 
     import app
 

@@ -1,0 +1,166 @@
+"""The app in headless Chromium, as a new user meets it: the main path, stale results, bad input.
+
+DIFFAD_SCREENSHOTS=folder keeps the screenshots (docs/ pictures are made from them); otherwise they go to tmp_path.
+"""
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import ROOT
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is not installed (.ci/run installs it)")
+SLOW = 240_000  # ms: an analysis or a short morph on 2 shared CPU cores
+
+
+def text(page, selector) -> str:
+    return page.inner_text(selector)
+
+
+def wait_text(page, selector, *needles, timeout=SLOW):
+    page.wait_for_function(
+        "([s, needles]) => { const e = document.querySelector(s); return e && needles.every(n => e.innerText.includes(n)); }",
+        arg=[selector, list(needles)], timeout=timeout)
+
+
+def set_number(page, slider_id, value):
+    box = page.locator(f"#{slider_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def images_in(page, selector) -> int:
+    return page.eval_on_selector_all(f"{selector} img", "imgs => imgs.filter(i => i.naturalWidth > 0).length")
+
+
+def wait_image(page, selector, timeout=60_000):
+    page.wait_for_function("s => [...document.querySelectorAll(s + ' img')].some(i => i.complete && i.naturalWidth > 0)",
+                           arg=selector, timeout=timeout)
+
+
+def links_in(page, selector) -> int:
+    return page.eval_on_selector_all(f"{selector} a", "links => links.length")
+
+
+def error_pills(page) -> int:
+    """Gradio's red "Error" status on output panels."""
+    return page.get_by_text("Error", exact=True).count()
+
+
+@pytest.fixture(scope="module")
+def page(app_server, tmp_path_factory):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 900})
+            page.goto(app_server, wait_until="domcontentloaded", timeout=120_000)
+            page.wait_for_selector("#photo input[type=file]", state="attached", timeout=120_000)
+            yield page
+        finally:
+            browser.close()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory):
+    folder = Path(os.environ.get("DIFFAD_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def test_main_path_example_analysis_timesteps_threshold_morph_new_photo(page, shots):
+    # Onboarding: what it does, three steps, the paper; examples of every category named and on one page.
+    header = text(page, "#header")
+    assert "diffusion model trained only on defect-free parts" in header and "Paper" in header
+    assert all(step in header for step in ("Pick an example", "Read the verdict", "Explore"))
+    for label in ("bottle · crack", "bottle · normal", "magnetic tile · crack", "magnetic tile · scratch"):
+        assert page.get_by_text(label, exact=True).first.is_visible(), label
+    assert "Hub" in text(page, "#source-note") or "local" in text(page, "#source-note")
+    page.screenshot(path=str(shots / "0_start.png"))
+
+    # An example click analyses at once.
+    page.get_by_text("bottle · crack", exact=True).click()
+    wait_text(page, "#verdict", "Score", "Anomalous")
+    wait_image(page, "#result")
+    first_verdict = text(page, "#verdict")
+    page.get_by_text("Details", exact=True).click()
+    wait_text(page, "#details", "anomalous")
+    assert "/work" not in text(page, "#details") and "/tmp" not in text(page, "#details")
+    page.screenshot(path=str(shots / "1_analysis.png"), full_page=True)
+
+    # Timestep scrub in t units.
+    set_number(page, "t-slider", 50)
+    wait_text(page, "#step-text", "t = 50", "(z)")
+    for panel in ("#xt", "#x0", "#kl", "#feat"):
+        wait_image(page, panel)
+    set_number(page, "t-slider", 60)
+    wait_text(page, "#step-text", "nearest computed timestep to 60", "t = 50")
+    page.locator("#timesteps-tab").scroll_into_view_if_needed()
+    page.screenshot(path=str(shots / "2_timesteps.png"), full_page=True)
+
+    # The verdict threshold above the score: headline, text and JSON agree; ↺ restores the calibrated value.
+    calibrated = page.locator("#image-threshold input[type=number]").input_value()
+    top = page.get_attribute("#image-threshold input[type=range]", "max")  # above the score by construction
+    set_number(page, "image-threshold", top)
+    wait_text(page, "#verdict", "Normal", f"at or below the verdict threshold {float(top):.2f}")
+    wait_text(page, "#details", "normal")
+    assert "anomalous" not in text(page, "#details")
+    page.click("#image-reset")
+    wait_text(page, "#verdict", "Anomalous", "(the calibrated one)")
+    assert page.locator("#image-threshold input[type=number]").input_value() == calibrated
+    set_number(page, "mask-threshold", 0.5)
+    wait_text(page, "#verdict", "mask threshold 0.50")
+    page.click("#mask-reset")
+    page.wait_for_function("!document.querySelector('#verdict').innerText.includes('mask threshold 0.50')")
+    assert float(page.locator("#mask-threshold input[type=number]").input_value()) > 0.5
+
+    # Morph: streams, then before/after and downloads; a second morph clears them while it streams.
+    page.get_by_role("tab", name="Morph to normal").click()
+    set_number(page, "loops", 2)
+    page.click("#morph")
+    wait_text(page, "#morph-status", "done after")
+    page.wait_for_function("document.querySelectorAll('#downloads a').length >= 3", timeout=60_000)
+    wait_image(page, "#compare")
+    page.screenshot(path=str(shots / "3_morph.png"), full_page=True)
+    page.click("#morph")
+    page.wait_for_function("!document.querySelector('#morph-status').innerText.includes('done after')", timeout=60_000)
+    assert links_in(page, "#downloads") == 0 and images_in(page, "#compare") == 0
+    wait_text(page, "#morph-status", "done after")
+
+    # A new photo: the old verdict, map, timestep panels and morph go at once, then the new analysis arrives.
+    page.get_by_text("bottle · normal", exact=True).first.click()
+    page.wait_for_function(f"!document.querySelector('#verdict').innerText.includes({first_verdict.splitlines()[1][:20]!r})")
+    assert links_in(page, "#downloads") == 0 and "done after" not in text(page, "#morph-status")
+    wait_text(page, "#verdict", "Score")
+    assert text(page, "#verdict") != first_verdict
+
+    # Switching the category re-analyses the same photo and says it does not look like the category.
+    page.locator("#category input").click()
+    page.get_by_role("option", name="magnetic_tile").click()
+    wait_text(page, "#verdict", "Score", "magnetic_tile", "does not look like")
+    assert error_pills(page) == 0
+    page.screenshot(path=str(shots / "4_category_switch.png"), full_page=True)
+
+
+def test_bad_input_gets_one_clear_message(page, shots, tmp_path):
+    fake = tmp_path / "holiday.png"
+    fake.write_text("not an image")
+    page.set_input_files("#photo input[type=file]", str(fake))
+    wait_text(page, "#verdict", "Cannot analyse", "holiday.png", "not a readable image")
+    body = page.inner_text("body")
+    assert "Could not preprocess" not in body and "/tmp" not in text(page, "#verdict")
+    assert error_pills(page) == 0 and images_in(page, "#result") == 0
+    page.screenshot(path=str(shots / "5_bad_input.png"), full_page=True)
+
+    tiny = tmp_path / "tiny.png"
+    Image.fromarray(np.full((8, 8, 3), 128, np.uint8)).save(tiny)
+    page.set_input_files("#photo input[type=file]", str(tiny))
+    wait_text(page, "#verdict", "Score", "only 8×8 px")
+    assert error_pills(page) == 0
