@@ -8,11 +8,15 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
+import inspect
 import io
 import logging
 import os
+import itertools
 import shutil
 import tempfile
+import threading
+from collections import OrderedDict
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -31,6 +35,7 @@ from diffad.demo import (MAP_CHOICES, MORPH_STARTED, Analysis, MorphCanvas, anal
 from diffad.morph import MorphConfig, before_after, export_mp4, morph
 from diffad.registry import CheckpointRegistry
 from diffad.visualize import anomaly_picture
+from photo_input import PhotoInput
 
 log = logging.getLogger("diffad.app")
 ROOT = Path(__file__).resolve().parent
@@ -109,22 +114,6 @@ replaced while normal regions keep their detail.
 
 Checkpoints trained on MVTec AD (CC BY-NC-SA 4.0) and Magnetic-Tile (cite Huang et al.).
 """
-
-
-def lenient(image: gr.Image) -> gr.Image:
-    """An image input whose preprocessing never fails: an unreadable upload reaches the handler, which says why in
-    words instead of Gradio's "Could not preprocess input component" with server paths. (Not a subclass: Gradio
-    writes a .pyi file next to the source of every component subclass.)"""
-    strict = image.preprocess
-
-    def preprocess(payload):
-        try:
-            return strict(payload)
-        except Exception:  # PIL could not open it: read_image gives the reason
-            return payload.path if payload is not None else None
-
-    image.preprocess = preprocess
-    return image
 
 
 class InputProblem(Exception):
@@ -210,22 +199,54 @@ def analyse_api(registry: CheckpointRegistry, image_path, category, progress=gr.
         raise gr.Error(str(exc), print_exception=False) from exc
 
 
+class Requests:
+    """The newest analysis each browser session asked for: one that finishes after a newer photo, example or
+    category was chosen is dropped instead of showing its results beside the new photo."""
+
+    def __init__(self, max_sessions: int = 10_000):
+        self._latest: OrderedDict[str, int] = OrderedDict()
+        self._lock = threading.Lock()
+        self._counter = itertools.count(1)
+        self.max_sessions = max_sessions
+
+    def new(self, session: str) -> int:
+        with self._lock:
+            self._latest[session] = token = next(self._counter)
+            self._latest.move_to_end(session)
+            while len(self._latest) > self.max_sessions:
+                self._latest.popitem(last=False)
+            return token
+
+    def is_latest(self, session: str, token) -> bool:
+        with self._lock:
+            return self._latest.get(session) == token
+
+
+REQUESTS = Requests()
+
+
+def analysing(category, request: gr.Request) -> tuple:
+    """First step of every page analysis, unqueued: the previous results go at once."""
+    token = REQUESTS.new(request.session_hash)
+    return *cleared_outputs(f"⏳ Analysing as `{category}`…"), gr.update(), token
+
+
 @gpu
-def analyse_page(registry: CheckpointRegistry, image_path, category, progress=gr.Progress()):
+def analyse_page(registry: CheckpointRegistry, image_path, category, token, request: gr.Request, progress=gr.Progress()):
     """Upload, example, category and button: problems become one message where the verdict goes, never a
-    red Error on every panel."""
+    red Error on every panel. The outputs end with the photo (an unreadable one is removed) and the request token."""
     if not image_path:
-        return *cleared_outputs(WELCOME), gr.update()
-    try:
-        return *analysis_outputs(_analysis(registry, image_path, category, progress)), gr.update()
-    except InputProblem as exc:
-        unreadable = isinstance(exc.__cause__, DataError)
-        hint = " Photos in PNG, JPEG, BMP, TIFF or WebP work." if unreadable else ""
-        return *cleared_outputs(message_markdown(str(exc) + hint)), (None if unreadable else gr.update())
-
-
-def analysing(category) -> tuple:
-    return *cleared_outputs(f"⏳ Analysing as `{category}`…"), gr.update()
+        outputs = (*cleared_outputs(WELCOME), gr.update())
+    else:
+        try:
+            outputs = (*analysis_outputs(_analysis(registry, image_path, category, progress)), gr.update())
+        except InputProblem as exc:
+            unreadable = isinstance(exc.__cause__, DataError)
+            hint = " Photos in PNG, JPEG, BMP, TIFF or WebP work." if unreadable else ""
+            outputs = (*cleared_outputs(message_markdown(str(exc) + hint)), None if unreadable else gr.update())
+    if request is not None and not REQUESTS.is_latest(request.session_hash, token):
+        return tuple(gr.skip() for _ in range(len(outputs) + 1))
+    return *outputs, token
 
 
 def redraw(analysis, map_label, mask_threshold, image_threshold):
@@ -306,14 +327,14 @@ def make_app(registry: CheckpointRegistry) -> gr.Blocks:
 
 
 def _layout(categories, default, source_note) -> SimpleNamespace:
-    ui = SimpleNamespace(state=gr.State(None))
+    ui = SimpleNamespace(state=gr.State(None), request=gr.State(0))
     gr.Markdown(intro_markdown(), elem_id="header")
     with gr.Row():
         with gr.Column(scale=2):
             ui.category = gr.Dropdown(categories, value=default, label="Category", elem_id="category")
             # image_mode=None hands the file over untouched: diffad.data.read_image does modes, alpha and EXIF itself.
-            ui.photo = lenient(gr.Image(type="filepath", image_mode=None, sources=["upload", "clipboard", "webcam"],
-                                         label="Photo", elem_id="photo", height=280))
+            ui.photo = PhotoInput(type="filepath", image_mode=None, sources=["upload", "clipboard", "webcam"], label="Photo",
+                                  elem_id="photo", height=280)
             ui.analyse = gr.Button("Analyse", variant="primary", elem_id="analyse")
             rows, labels = example_rows()
             ui.examples = gr.Examples(rows, inputs=[ui.photo, ui.category], example_labels=labels, label="Examples",
@@ -369,21 +390,39 @@ def _layout(categories, default, source_note) -> SimpleNamespace:
     return ui
 
 
+def bind(handler, registry: CheckpointRegistry):
+    """`handler` with the registry filled in, keeping the signature and type hints Gradio reads (gr.Request,
+    gr.Progress); functools.partial hides the hints."""
+
+    if inspect.isgeneratorfunction(handler):  # Gradio streams only what it can see is a generator function
+        @functools.wraps(handler)
+        def bound(*args, **kwargs):
+            yield from handler(registry, *args, **kwargs)
+    else:
+        @functools.wraps(handler)
+        def bound(*args, **kwargs):
+            return handler(registry, *args, **kwargs)
+
+    signature = inspect.signature(handler)
+    bound.__signature__ = signature.replace(parameters=list(signature.parameters.values())[1:])
+    return bound
+
+
 def _wire(ui: SimpleNamespace, registry: CheckpointRegistry) -> None:
     outputs = [ui.state, ui.verdict, ui.details, ui.result, ui.map_choice, ui.mask_threshold, ui.image_threshold,
                ui.xt, ui.x0, ui.kl, ui.feat, ui.step_text, ui.t_slider,
                ui.frame, ui.frame_map, ui.morph_status, ui.compare, ui.downloads]
     inputs = [ui.photo, ui.category]
-    ui.api_trigger.click(functools.partial(analyse_api, registry), inputs, outputs, api_name="analyse", concurrency_id="model")
-    page = functools.partial(analyse_page, registry)
-    page_outputs = outputs + [ui.photo]  # an unreadable upload is removed, not left as a broken picture
+    ui.api_trigger.click(bind(analyse_api, registry), inputs, outputs, api_name="analyse", concurrency_id="model")
+    page = bind(analyse_page, registry)
+    page_outputs = outputs + [ui.photo, ui.request]  # an unreadable upload is removed, not left as a broken picture
     # Clear at once (no queue), then analyse: a new photo or category never sits beside the old results.
     triggers = [ui.photo.upload, ui.analyse.click, ui.category.input]
     if ui.examples is not None:  # an example sets the photo and the category, then this runs once
         triggers.append(ui.examples.load_input_event.then)
     for trigger in triggers:
         trigger(analysing, [ui.category], page_outputs, queue=False, show_progress="hidden", api_visibility="private").then(
-            page, inputs, page_outputs, api_visibility="private", concurrency_id="model", trigger_mode="always_last",
+            page, inputs + [ui.request], page_outputs, api_visibility="private", concurrency_id="model", trigger_mode="always_last",
             show_progress_on=[ui.result])
     ui.photo.clear(lambda: cleared_outputs(WELCOME), None, outputs, queue=False, api_visibility="private")
     views = [ui.result, ui.verdict, ui.details]
@@ -396,7 +435,7 @@ def _wire(ui: SimpleNamespace, registry: CheckpointRegistry) -> None:
     ui.t_slider.change(scrub, [ui.state, ui.t_slider], [ui.xt, ui.x0, ui.kl, ui.feat, ui.step_text], api_name="timestep",
                        concurrency_limit=None, show_progress="hidden")
     ui.t_slider.release(snap_timestep, [ui.state, ui.t_slider], [ui.t_slider], api_visibility="private", queue=False)
-    ui.morph.click(functools.partial(run_morph, registry),
+    ui.morph.click(bind(run_morph, registry),
                    [ui.photo, ui.category, ui.step_size, ui.denoise_every, ui.loops, ui.seed, ui.keep_normal],
                    [ui.frame, ui.frame_map, ui.morph_status, ui.compare, ui.downloads], api_name="morph", concurrency_id="model")
 

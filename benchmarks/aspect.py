@@ -3,7 +3,9 @@
     python benchmarks/aspect.py [--category magnetic_tile] [--per-kind 8]
 
 Scores a fixed sample of real test images (magnetic_tile: 103-632 px wide, 222-403 high) both ways, with every map
-brought back to the photo's own size, and prints image AUROC and pixel AUROC on the original-size masks.
+brought back to the photo's own size, and writes image AUROC and pixel AUROC on the original-size masks to
+benchmarks/aspect.json. The app scores squashed (what the model was trained on) and shows maps at the photo's aspect:
+letterboxing lifted pixel AUROC a little but made normal and defective images' scores indistinguishable.
 """
 from __future__ import annotations
 
@@ -74,6 +76,7 @@ def main(argv=None):
         result[way] = {"image_auroc": round(auroc(np.array(labels), np.array(scores[way])), 4),
                        "pixel_auroc": round(auroc(truth, np.concatenate(pixels[way])), 4)}
     print(json.dumps(result, indent=1))
+    (ROOT / "benchmarks" / "aspect.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
 
 

@@ -89,7 +89,7 @@ def client_loop(url: str, category: str, images: list[str], bad_file: str, stop:
                 with rec.lock:
                     rec.scores[image].add(details["score"])
             elif action == "timestep":
-                client.predict(rng.randrange(12), api_name="/timestep")
+                client.predict(rng.choice((5, 20, 50, 200, 400, 500)), api_name="/timestep")  # t
             elif action == "threshold":
                 client.predict("Combined", round(rng.uniform(0, 3), 2), round(rng.uniform(0, 10), 2), api_name="/threshold")
             elif action == "morph":

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -82,10 +83,20 @@ def page(registry, path, category="bottle"):
     """analyse_page's outputs by name (with the State first and the photo last)."""
     import app
 
-    outputs = app.analyse_page(registry, str(path) if path else None, category, no_progress)
-    names = ["state", *OUT, "photo"]
+    outputs = app.analyse_page(registry, str(path) if path else None, category, 0, None, no_progress)
+    names = ["state", *OUT, "photo", "request"]
     assert len(outputs) == len(names)
     return dict(zip(names, outputs))
+
+
+def test_an_analysis_overtaken_by_a_newer_request_shows_nothing(registry):
+    import app
+
+    session = SimpleNamespace(session_hash="s1")
+    old = app.REQUESTS.new("s1")
+    app.REQUESTS.new("s1")  # the user picked another example meanwhile
+    outputs = app.analyse_page(registry, str(EXAMPLES / "crack.png"), "bottle", old, session, no_progress)
+    assert all(isinstance(o, dict) and o.get("__type__") == "update" and len(o) == 1 for o in outputs), outputs[:3]
 
 
 def test_one_verdict_when_the_threshold_moves(registry):
@@ -209,8 +220,10 @@ def test_morph_clears_old_results_first_and_exports_a_steady_gif_at_the_input_si
 
 
 def test_importing_the_app_has_no_side_effects():
+    files = {p: p.read_bytes() for p in ROOT.glob("*.py*")}
     code = "import PIL.Image as I; before = I.MAX_IMAGE_PIXELS; import app; assert I.MAX_IMAGE_PIXELS == before"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=300)
+    assert {p: p.read_bytes() for p in ROOT.glob("*.py*")} == files  # Gradio's .pyi stub is committed as it writes it
 
 
 def test_no_function_in_the_app_layers_is_over_120_lines():
