@@ -12,8 +12,9 @@ from PIL import Image
 
 from .checkpoint import CheckpointError, load_checkpoint
 from .data import IMAGE_SUFFIXES, DataError, list_images, to_uint8
+from .evaluate import MAP_KINDS
 from .examples import POLISH_LOOPS
-from .morph import MorphConfig
+from .morph import STOP_RULES, MorphConfig
 
 log = logging.getLogger("diffad")
 
@@ -54,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", required=True, help="category folder with test/ and ground_truth/")
     evaluate.add_argument("--out", help="folder for metrics.json, metrics.md and --save-maps overlays")
     evaluate.add_argument("--save-maps", action="store_true")
+    evaluate.add_argument("--map", choices=MAP_KINDS, default="combined",
+                          help="score with this map alone (ablation): the KL, feature or RGB error maps, or their combination")
 
     calibrate = sub.add_parser("calibrate", help="re-measure calibration and refit the morph's feature model")
     calibrate.add_argument("--checkpoint", required=True, help="local category folder (rewritten in place)")
@@ -73,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     morph.add_argument("--seed", type=int, default=MorphConfig.seed)
     morph.add_argument("--focus", type=float, default=MorphConfig.focus,
                        help="above 0: change pixels by how anomalous they look (keeps normal detail); 0: the paper's morph")
+    morph.add_argument("--stop-at", choices=STOP_RULES, default=MorphConfig.stop_at,
+                       help="typical: stop once the part scores like the median normal part; threshold: once the "
+                            "verdict is normal; never: run every loop")
 
     examples = sub.add_parser("examples", help="make example images: diffusion samples plus synthetic defects")
     _add_checkpoint_args(examples)
@@ -133,8 +139,8 @@ def cmd_evaluate(args) -> int:
     from .evaluate import evaluate, markdown_table
 
     detector = load_checkpoint(args.checkpoint, args.category, args.revision, device=args.device)
-    metrics = evaluate(detector, args.data, out=args.out, save_maps=args.save_maps)
-    print(markdown_table(metrics, detector.category))
+    metrics = evaluate(detector, args.data, out=args.out, save_maps=args.save_maps, map_kind=args.map)
+    print(markdown_table(metrics, f"{detector.category}, {args.map} map"))
     return 0
 
 
@@ -153,11 +159,12 @@ def cmd_morph(args) -> int:
 
     detector = load_checkpoint(args.checkpoint, args.category, args.revision, device=args.device)
     config = MorphConfig(step_size=args.step_size, denoise_every=args.denoise_every, max_loops=args.loops, seed=args.seed,
-                         focus=args.focus)
+                         focus=args.focus, stop_at=args.stop_at)
     frames = []
     for frame in morph(detector, args.image, config):
         frames.append(frame)
-        print(f"step {frame.step:3d}: score {frame.score:.3f} energy {frame.energy:.0f}{' (normal)' if frame.is_normal else ''}")
+        state = " (scores like a typical normal part)" if frame.is_typical else " (under the verdict threshold)" if frame.is_normal else ""
+        print(f"step {frame.step:3d}: score {frame.score:.3f} energy {frame.energy:.0f}{state}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = Path(args.image).stem

@@ -95,7 +95,10 @@ class MorphConfig:
     max_loops: int = 16
     # Denoising timestep; None matches the noise added by N_d steps of size s.
     timestep: int | None = None
-    stop_below_threshold: bool = True
+    # When to stop: "typical" once the score is no higher than the median held-out normal image's (a part that
+    # merely dips under the verdict threshold can still show its defect); "threshold" once the verdict is normal;
+    # "never": run all loops.
+    stop_at: str = "typical"
     seed: int = 0
     # 0 is the paper's morph: every pixel is updated. Above 0, each update is weighted by the current anomaly map over
     # the mask threshold, clipped to [0, 1], to this power: pixels the model finds normal are never touched, so the
@@ -115,6 +118,8 @@ class MorphConfig:
             raise ValueError(f"focus must be between 0 and 10, got {self.focus}")
         if not 0 <= int(self.seed) < 2**32:
             raise ValueError(f"seed must be in [0, 2^32), got {self.seed}")
+        if self.stop_at not in STOP_RULES:
+            raise ValueError(f"stop_at must be one of {', '.join(STOP_RULES)}, got {self.stop_at!r}")
         if self.timestep is not None and not 0 <= int(self.timestep) < num_timesteps:
             raise ValueError(f"timestep must be in [0, {num_timesteps - 1}], got {self.timestep}")
 
@@ -127,7 +132,8 @@ class MorphFrame:
     anomaly_map: np.ndarray
     score: float
     energy: float
-    is_normal: bool
+    is_normal: bool  # the verdict: score at or under the verdict threshold
+    is_typical: bool  # score at or under the median held-out normal image's
 
     def rgb(self) -> np.ndarray:
         return to_uint8(self.image)
@@ -147,6 +153,20 @@ def fit_feature_gaussian(backbone, images: torch.Tensor, features: torch.Tensor,
             noisy = (batch + level * torch.randn(batch.shape, generator=generator)).clamp(-1, 1)
             parts.append(backbone(noisy.to(device))[:, chosen.to(device)].half().cpu())
     return FeatureGaussian.fit_selected(torch.cat(parts), chosen)
+
+
+STOP_RULES = ("typical", "threshold", "never")
+
+
+def typical_normal_score(detector: AnomalyDetector) -> float:
+    """The median score of the category's held-out normal images."""
+    return float(np.median(detector.calibration.normal_scores))
+
+
+def stop_score(detector: AnomalyDetector, rule: str) -> float:
+    """The score a morph must reach to stop under `rule`."""
+    return {"typical": typical_normal_score(detector), "threshold": detector.calibration.image_threshold,
+            "never": -math.inf}[rule]
 
 
 def matching_timestep(detector: AnomalyDetector, step_size: float, steps: int) -> int:
@@ -182,7 +202,7 @@ def blend(x: torch.Tensor, updated: torch.Tensor, weight: torch.Tensor | None) -
 
 
 def morph(detector: AnomalyDetector, image, config: MorphConfig | None = None) -> Iterator[MorphFrame]:
-    """Yield frames from the input (step 0) to a normal-looking image; stops early once the score is normal."""
+    """Yield frames from the input (step 0) to a normal-looking image; stops once the score meets `config.stop_at`."""
     config = config or MorphConfig()
     config.validate(detector.diffusion.num_timesteps)
     gaussian = feature_gaussian(detector)
@@ -191,10 +211,13 @@ def morph(detector: AnomalyDetector, image, config: MorphConfig | None = None) -
     x = detector.preprocess(image).to(detector.device)
     shrink = math.sqrt(1.0 - config.step_size**2)
 
+    typical = typical_normal_score(detector)
+    target = stop_score(detector, config.stop_at)
+
     def frame(step: int, loop: int, energy: float) -> MorphFrame:
         prediction = detector.predict(x.cpu(), seed=config.seed)
         return MorphFrame(step, loop, x.detach().cpu().clone(), prediction.anomaly_map, prediction.score, energy,
-                          not prediction.is_anomalous)
+                          not prediction.is_anomalous, prediction.score <= typical)
 
     with torch.no_grad():
         energy0 = float(gaussian.energy(detector.backbone(x[None]))[0])
@@ -202,7 +225,7 @@ def morph(detector: AnomalyDetector, image, config: MorphConfig | None = None) -
     yield current
     step = 0
     for loop in range(1, int(config.max_loops) + 1):
-        if config.stop_below_threshold and current.is_normal:
+        if current.score <= target:
             return
         weight = focus_weight(detector, current.anomaly_map, config.focus)
         for _ in range(int(config.denoise_every)):
@@ -214,8 +237,7 @@ def morph(detector: AnomalyDetector, image, config: MorphConfig | None = None) -
             step += 1
         with torch.no_grad():
             # Denoise: the deterministic (DDIM) step from t to 0 with the model's noise estimate.
-            eps = detector.net(x[None], t_batch).eps
-            x = blend(x, detector.diffusion.predict_x0(x[None], t_batch, eps)[0].clamp(-1, 1), weight)
+            x = blend(x, detector.net(x[None], t_batch).x0[0].clamp(-1, 1), weight)
             energy = float(gaussian.energy(detector.backbone(x[None]))[0])
         current = frame(step, loop, energy)
         yield current

@@ -120,6 +120,13 @@ def _init_from(net: DiffADNet, source: DiffADNet, name: str) -> None:
     except RuntimeError as exc:
         raise DataError(f"--init-from {name}: its network does not fit this run's layout (--net "
                         f"overrides or another backbone): {str(exc).splitlines()[0]}") from exc
+    if source.config.prediction != net.config.prediction:
+        # The first output half meant something else (at small t a noise estimate is about minus the Wiener
+        # residual): start it at zero, so that the run starts from the parameterisation's fixed part.
+        half = net.unet.conv_out.out_channels // 2
+        with torch.no_grad():
+            net.unet.conv_out.weight[:half].zero_()
+            net.unet.conv_out.bias[:half].zero_()
 
 
 def train(config: TrainConfig, progress: bool = True) -> Path:

@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from diffad import CheckpointError, load_checkpoint
 from diffad.checkpoint import list_local_categories
+from diffad.detector import FORMAT_VERSION
 from tests.conftest import copy_of, make_hub_cache
 
 
@@ -26,7 +27,7 @@ def test_round_trip_gives_identical_maps(tiny_checkpoint, tiny_dataset, tmp_path
     np.testing.assert_array_equal(a.anomaly_map, b.anomaly_map)
     assert a.score == b.score and [s.t for s in a.steps] == [5, 20, 200, 400]
     config = json.loads((tmp_path / "again" / "config.json").read_text())
-    assert config["format_version"] == 1 and config["calibration"]["normal_scores"]
+    assert config["format_version"] == FORMAT_VERSION and config["calibration"]["normal_scores"]
     assert load_file(str(tmp_path / "again" / "model.safetensors"))["net.feature_head.0.weight"].dtype == torch.float16
 
 
@@ -210,7 +211,7 @@ def test_per_image_normalisation_ignores_calibration_scale_and_offset(tiny_check
     # Each timestep's map becomes mean 0, std 1 on its own, so the sum over timesteps has mean 0.
     assert abs(before[0].mean()) < 1e-4
     for step in steps:
-        step.kl = 7.0 * step.kl + 3.0
+        step.kl = 7.0 * step.kl + 3.0 * float(step.kl.mean())  # an offset on the map's own scale: float32 keeps it
     after = detector.combine(steps, per_image).anomaly, detector.combine(steps, calibrated).anomaly
     np.testing.assert_allclose(after[0], before[0], atol=1e-4)
     assert np.abs(after[1] - before[1]).max() > 1.0
@@ -229,3 +230,16 @@ def test_checkpoints_without_position_means_still_load_and_tampered_ones_are_ref
     save_file(tensors, str(weights))
     with pytest.raises(CheckpointError, match="position-wise normal means"):
         load_checkpoint(folder)
+
+
+def test_a_version_1_checkpoint_loads_as_a_noise_predicting_network(tiny_checkpoint, tmp_path):
+    folder = copy_of(tiny_checkpoint, tmp_path / "v1")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["net"]["prediction"] == "wiener"  # what training writes now
+    del config["net"]["prediction"]
+    for key in ("data_mean", "data_std"):  # a version-1 network had no data statistics
+        tensors = load_file(str(folder / "model.safetensors"))
+        tensors.pop(f"net.{key}")
+        save_file(tensors, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({**config, "format_version": 1}))
+    assert load_checkpoint(folder).net.config.prediction == "eps"

@@ -3,6 +3,8 @@ import json
 import subprocess
 import sys
 
+import numpy as np
+
 from diffad.cli import main
 
 
@@ -30,6 +32,25 @@ def test_evaluate_writes_metrics_and_overlays(tiny_checkpoint, tiny_dataset, tmp
     assert 0 <= metrics["overall"]["pixel_auroc"] <= 1 and metrics["overall"]["images"] == 6
     assert "| overall |" in (out / "metrics.md").read_text()
     assert len(list((out / "maps").glob("*.png"))) == 6
+
+
+def test_evaluate_reports_each_map_and_the_verdicts_operating_point(tiny_checkpoint, tiny_dataset, tmp_path):
+    from diffad import load_checkpoint
+    from diffad.data import list_test_samples
+
+    runs = {}
+    for kind in ("combined", "kl", "feature"):
+        assert main(["evaluate", "--checkpoint", str(tiny_checkpoint), "--data", str(tiny_dataset), "--out", str(tmp_path / kind), "--map", kind]) == 0
+        runs[kind] = json.loads((tmp_path / kind / "metrics.json").read_text())["overall"]
+    assert runs["kl"]["pixel_auroc"] != runs["feature"]["pixel_auroc"]
+    assert "operating_point" not in runs["kl"]  # the verdict threshold belongs to the combined score
+    # The operating point is what the checkpoint's own verdicts do on the test images.
+    detector = load_checkpoint(tiny_checkpoint)
+    verdicts = [(s.is_anomalous, detector.predict(s.path).is_anomalous) for s in list_test_samples(tiny_dataset)]
+    point = runs["combined"]["operating_point"]
+    assert point["threshold"] == detector.calibration.image_threshold
+    assert point["recall"] == np.mean([flagged for defective, flagged in verdicts if defective])
+    assert point["false_positive_rate"] == np.mean([flagged for defective, flagged in verdicts if not defective])
 
 
 def test_examples_are_deterministic_documented_and_masked(tiny_checkpoint, tiny_dataset, tmp_path):

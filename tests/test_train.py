@@ -23,7 +23,7 @@ def test_training_lowers_the_loss_and_resumes(tiny_dataset, tmp_path):
     steps = [int(r["step"]) for r in rows]
     assert steps == sorted(steps) and steps[-1] == 60 and steps.count(30) == 1
     losses = np.array([float(r["loss"]) for r in rows])
-    assert losses[-2:].mean() < 0.8 * losses[:2].mean()
+    assert losses[-2:].mean() < 0.9 * losses[:2].mean()
     detector = load_checkpoint(out)
     assert detector.training["steps_done"] == 60 and detector.training["train_images"] + detector.training["holdout_images"] == 10
     assert np.isfinite(detector.calibration.image_threshold) and len(detector.calibration.normal_scores) == 2
@@ -58,6 +58,21 @@ def test_init_from_starts_with_the_checkpoints_network(tiny_checkpoint, tiny_dat
     wider = {"head_channels": 2 * TINY_NET["head_channels"]}
     with pytest.raises(DataError, match="--init-from .* does not fit this run's layout"):
         train(TrainConfig(**{**config.__dict__, "out": str(tmp_path / "other"), "net": wider}), progress=False)
+
+
+def test_a_noise_predicting_network_seeds_a_wiener_one_with_its_noise_output_cleared(tiny_dataset, tmp_path):
+    import torch
+
+    base = dict(data=str(tiny_dataset), resolution=32, batch_size=2, save_every=2)
+    train(TrainConfig(out=str(tmp_path / "eps"), steps=2, net={**TINY_NET, "prediction": "eps"}, **base), progress=False)
+    train(TrainConfig(out=str(tmp_path / "wiener"), steps=1, lr=0.0, init_from=str(tmp_path / "eps"),
+                      net={"prediction": "wiener"}, **base), progress=False)
+    source, seeded = load_checkpoint(tmp_path / "eps").net, load_checkpoint(tmp_path / "wiener").net
+    assert seeded.config.prediction == "wiener"
+    half = source.unet.conv_out.out_channels // 2
+    assert not seeded.unet.conv_out.weight[:half].any() and not seeded.unet.conv_out.bias[:half].any()
+    assert torch.equal(seeded.unet.conv_out.weight[half:], source.unet.conv_out.weight[half:])  # the variance half
+    assert torch.equal(seeded.feature_head[0].weight, source.feature_head[0].weight)
 
 
 def test_holdout_split_and_too_few_images(tmp_path):
