@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .gaussian import GAUSSIAN_KEYS, FeatureGaussian
 from .postprocess import combine, normalise
-from .scoring import RawMaps, ScoringConfig, pool_sizes, strict_kwargs
+from .scoring import RawMaps, pool_sizes, strict_kwargs
 
 if TYPE_CHECKING:
     from .detector import AnomalyDetector

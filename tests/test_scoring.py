@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffad import CheckpointError, load_checkpoint
+from diffad import load_checkpoint
 from diffad.cli import main
 from diffad.diffusion import GaussianDiffusion
 from diffad.models import NetOutput
