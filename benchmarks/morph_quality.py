@@ -82,19 +82,19 @@ def render(r: dict) -> list[str]:
     needed = [row for row in r.get("morph", {}).get("rows", []) if row["loops"] > 0]
     if r.get("morph") and not needed:
         out = ["", f"### Morph: all {r['morph']['images']} sampled defective test images already scored below the normal "
-                "threshold (the model misses them), so the morph had nothing to do; no morph figures for this category."]
+               "threshold (the model misses them), so the morph had nothing to do; no morph figures for this category."]
     elif r.get("morph"):
         m = r["morph"]
         out = [f"- morph: first frame {m['median_first_frame_s']:.2f} s, complete {m['median_total_s']:.2f} s", "",
-                f"### Morph ({m['images']} defective test images, default settings (focus = {m['focus']:g}); "
-                f"{sum(row['loops'] == 0 for row in m.get('rows', []))} of them already scored normal, needed no morph "
-                f"and are left out of these figures)", "",
-                f"- final score below the normal threshold: **{m['normal_after_fraction']:.0%}** within {m['max_loops']} loops "
-                f"(loops used: {', '.join(map(str, sorted(m['loops_used'])))})",
-                f"- PSNR outside the defect mask, morph vs input: **{m['median_psnr_outside_mask_db']:.1f} dB** (median)",
-                f"- same for a plain diffusion reconstruction (noise to t = 200, denoise back): {m['median_reconstruction_psnr_outside_mask_db']:.1f} dB",
-                f"- mean absolute change inside the mask: {m['median_abs_change_inside_mask']:.1f} grey levels (median)",
-                f"- feature energy at the end / at the start: {m['median_energy_ratio']:.2f} (median)"]
+               f"### Morph ({m['images']} defective test images, default settings (focus = {m['focus']:g}); "
+               f"{sum(row['loops'] == 0 for row in m.get('rows', []))} of them already scored normal, needed no morph "
+               f"and are left out of these figures)", "",
+               f"- final score below the normal threshold: **{m['normal_after_fraction']:.0%}** within {m['max_loops']} loops "
+               f"(loops used: {', '.join(map(str, sorted(m['loops_used'])))})",
+               f"- PSNR outside the defect mask, morph vs input: **{m['median_psnr_outside_mask_db']:.1f} dB** (median)",
+               f"- same for a plain diffusion reconstruction (noise to t = 200, denoise back): {m['median_reconstruction_psnr_outside_mask_db']:.1f} dB",
+               f"- mean absolute change inside the mask: {m['median_abs_change_inside_mask']:.1f} grey levels (median)",
+               f"- feature energy at the end / at the start: {m['median_energy_ratio']:.2f} (median)"]
         f = r.get("morph_paper", {})
         if "normal_after_fraction" in f:
             out += [f"- the paper's morph (`focus = 0`, every pixel updated): below the threshold "

@@ -6,7 +6,7 @@ smoothing (chosen on synthetic defects), the score and mask thresholds, and the 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -121,7 +121,7 @@ class Calibration:
             "kl": stats(self.kl), "rgb": stats(self.rgb),
             "features": [{"pool": k, **stats(s)} for k, s in sorted(self.features.items())],
             "smoothing_sigma": self.smoothing_sigma,
-            "smoothing_trials": [trial.__dict__ for trial in self.smoothing_trials],
+            "smoothing_trials": [asdict(trial) for trial in self.smoothing_trials],
             "normal_scores": list(self.normal_scores),
             "image_threshold": self.image_threshold,
             "mask_threshold": self.mask_threshold,
@@ -202,7 +202,7 @@ def select_smoothing(detector: "AnomalyDetector", normal_images: torch.Tensor, c
     for sigma in sigmas:
         maps = np.stack([c.anomaly for c in combine(z, replace(calibration, smoothing_sigma=float(sigma)), scoring)])
         trials.append(SmoothingTrial(float(sigma), auroc(masks, maps), aupro(masks, maps)))
-    best = max(trials, key=lambda trial: localisation_quality(trial.__dict__))
+    best = max(trials, key=lambda trial: localisation_quality(asdict(trial)))
     return best.sigma, tuple(trials)
 
 

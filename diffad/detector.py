@@ -23,7 +23,10 @@ from .scoring import RawMaps, ScoringConfig, raw_maps
 def shared_backbone(name: str = DEFAULT_BACKBONE, device="cpu") -> FeatureExtractor:
     """One frozen backbone per name and device, shared by every loaded category and by training: moving a detector
     to another device takes that device's copy instead of moving one that others use."""
-    return _backbone(name, str(torch.device(device)))
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" are one device, one copy
+        device = torch.device("cuda", torch.cuda.current_device())
+    return _backbone(name, str(device))
 
 
 # Behind a wrapper because lru_cache keys f() and f(DEFAULT_BACKBONE) apart: training and the detector it
