@@ -15,6 +15,7 @@ from .data import IMAGE_SUFFIXES, DataError, list_images, to_uint8
 from .evaluate import MAP_KINDS
 from .examples import POLISH_LOOPS
 from .morph import STOP_RULES, MorphConfig
+from .train import AUGMENTATIONS, TrainConfig
 
 log = logging.getLogger("diffad")
 
@@ -35,14 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", required=True, help="MVTec-layout category folder (train/good) or a plain image folder")
     train.add_argument("--out", required=True, help="checkpoint folder to write, e.g. checkpoints/NAME")
     train.add_argument("--category", help="category name (default: the --out folder's name)")
-    train.add_argument("--resolution", type=int, default=256)
-    train.add_argument("--steps", type=int, default=4000)
-    train.add_argument("--batch-size", type=int, default=8)
-    train.add_argument("--lr", type=float, default=2e-4)
-    train.add_argument("--augment", choices=["none", "flip", "dihedral"], default="flip")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    train.add_argument("--save-every", type=int, default=500)
+    train.add_argument("--resolution", type=int, default=TrainConfig.resolution)
+    train.add_argument("--steps", type=int, default=TrainConfig.steps)
+    train.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    train.add_argument("--lr", type=float, default=TrainConfig.lr)
+    train.add_argument("--augment", choices=AUGMENTATIONS, default=TrainConfig.augment)
+    train.add_argument("--seed", type=int, default=TrainConfig.seed)
+    train.add_argument("--device", default=TrainConfig.device, help="cpu, cuda or auto")
+    train.add_argument("--save-every", type=int, default=TrainConfig.save_every)
     train.add_argument("--time-limit", type=float, metavar="MINUTES",
                        help="stop after this many minutes of training, saving the checkpoint there (--resume continues)")
     train.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
@@ -120,7 +121,7 @@ def _collect(inputs) -> list[Path]:
 
 
 def cmd_train(args) -> int:
-    from .train import STATE_NAME, TrainConfig, train
+    from .train import STATE_NAME, train
 
     out = Path(args.out)
     if (out / STATE_NAME).exists() and not args.resume:
@@ -149,8 +150,8 @@ def cmd_calibrate(args) -> int:
 
     detector = recalibrate(args.checkpoint, args.data, feature_pool=args.feature_pool)
     print(f"{args.checkpoint}: image threshold {detector.calibration.image_threshold:.3f}, "
-          f"pixel threshold {detector.calibration.pixel_threshold:.3f}, "
-          f"feature pool {','.join(map(str, detector.scoring.feature_pool))}")
+          f"mask threshold {detector.calibration.mask_threshold:.3f}, "
+          f"feature pool {','.join(map(str, detector.calibration.feature_pool))}")
     return 0
 
 
@@ -207,7 +208,7 @@ def cmd_predict(args) -> int:
             failed += 1
             print(f"skipped: {exc}", file=sys.stderr)
             continue
-        picture = anomaly_picture(to_uint8(prediction.image), prediction.anomaly_map, prediction.pixel_threshold)
+        picture = anomaly_picture(to_uint8(prediction.image), prediction.anomaly_map, prediction.mask_threshold)
         overlay_path = out / f"{path.stem}_overlay.png"
         Image.fromarray(picture).save(overlay_path)
         rows.append([str(path), f"{prediction.score:.4f}", f"{prediction.percentile:.1f}", prediction.verdict, overlay_path.name])

@@ -5,6 +5,7 @@ import json
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -12,13 +13,22 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .data import DataError, load_mask, read_image, list_test_samples, to_tensor, to_uint8
+from .calibration import Calibration
 from .detector import AnomalyDetector
 from .metrics import evaluate_maps
+from .postprocess import combine, normalise
 from .scoring import ScoringConfig
 from .visualize import anomaly_picture
 
 log = logging.getLogger(__name__)
 METRIC_NAMES = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max")
+
+
+class Variant(NamedTuple):
+    """One way of scoring the same raw maps (an ablation, a pooling choice)."""
+
+    scoring: ScoringConfig
+    calibration: Calibration
 
 
 @dataclass
@@ -33,13 +43,13 @@ class ScoredSet:
     paths: list[Path]
 
 
-def score_test_set(detector: AnomalyDetector, root, variants: dict[str, ScoringConfig] | None = None,
+def score_test_set(detector: AnomalyDetector, root, variants: dict[str, Variant] | None = None,
                    batch_size: int = 8, progress: bool = True, limit: int | None = None) -> dict[str, ScoredSet]:
     """Score every test image once at the union of the variants' timesteps and combine per variant."""
-    variants = variants or {"default": detector.scoring}
+    variants = variants or {"default": Variant(detector.scoring, detector.calibration)}
     samples = list_test_samples(root)[:limit] if limit else list_test_samples(root)
-    timesteps = sorted({t for v in variants.values() for t in v.timesteps})
-    pools = sorted({k for v in variants.values() for k in v.feature_pool})
+    timesteps = sorted({t for v in variants.values() for t in v.scoring.timesteps})
+    pools = sorted({k for v in variants.values() for k in v.calibration.feature_pool})
     res = detector.resolution
     maps = {name: [] for name in variants}
     scores = {name: [] for name in variants}
@@ -58,9 +68,9 @@ def score_test_set(detector: AnomalyDetector, root, variants: dict[str, ScoringC
         if not batch:
             continue
         masks += batch_masks
-        for steps in detector.raw_steps(torch.stack(batch), timesteps, feature_pool=pools):
-            for name, config in variants.items():
-                combined = detector.combine(steps, config)
+        raw = detector.raw_maps(torch.stack(batch), timesteps, pools, keep_images=False, batch_size=batch_size)
+        for name, (scoring, calibration) in variants.items():
+            for combined in combine(normalise(raw, calibration, scoring), calibration, scoring):
                 maps[name].append(combined.anomaly.astype(np.float16))
                 scores[name].append(combined.score)
     if not kept:
@@ -113,7 +123,7 @@ def save_overlays(detector: AnomalyDetector, scored: ScoredSet, folder: Path) ->
     folder.mkdir(parents=True, exist_ok=True)
     for path, defect, amap, mask in zip(scored.paths, scored.defects, scored.maps, scored.masks):
         image = to_uint8(to_tensor(read_image(path), detector.resolution))
-        picture = anomaly_picture(image, amap.astype(np.float32), detector.calibration.pixel_threshold, known_mask=mask)
+        picture = anomaly_picture(image, amap.astype(np.float32), detector.calibration.mask_threshold, known_mask=mask)
         Image.fromarray(picture).save(folder / f"{defect}_{path.stem}.png")
 
 

@@ -66,13 +66,17 @@ def test_examples_are_deterministic_documented_and_masked(tiny_checkpoint, tiny_
                      "--defects", "hole", "scratch", "--polish-loops", "3"]) == 0
         runs.append(json.loads((out / "manifest.json").read_text()))
     assert runs[0] == runs[1]  # same seed, same images (the manifest carries their hashes)
-    assert 0 <= runs[0]["constant_background_fraction"] <= 1
+    from diffad.data import list_images, load_images, train_folder
+    from diffad.examples import constant_pixels
+
+    images, _, _ = load_images(list_images(train_folder(tiny_dataset)), 32)
+    assert runs[0]["constant_background_fraction"] == round(float(constant_pixels(images).float().mean()), 3)
     entries = {e["file"]: e for e in runs[0]["images"]}
     assert set(entries) == {"normal_0.png", "normal_1.png", "hole.png", "scratch.png"}
     for e in entries.values():
         picture = tmp_path / "a" / e["file"]
         assert hashlib.sha256(picture.read_bytes()).hexdigest() == e["sha256"]
-        assert e["polish_loops"] >= 0 and "diffusion sample" in e["source"]
+        assert e["polish_loops"] in (0, 1, 2, 3) and "diffusion sample" in e["source"]  # never past --polish-loops
     for e in (entries["normal_0.png"], entries["normal_1.png"]):
         assert e["polish_loops"] == 3 or e["score"] < json.loads((tiny_checkpoint / "config.json").read_text())["calibration"]["image_threshold"]
     mask = np.asarray(Image.open(tmp_path / "a" / entries["hole.png"]["mask"])) > 127
@@ -110,6 +114,7 @@ def test_errors_are_one_clear_line_without_traceback(tiny_checkpoint, tmp_path):
         (["predict", "--checkpoint", str(tiny_checkpoint), str(tmp_path / "missing.png"), "--out", str(tmp_path)], "no such file"),
         (["train", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "c")], "does not exist"),
         (["train", "--data", str(tmp_path), "--out", str(tiny_checkpoint)], "unfinished run"),
+        (["train", "--data", str(tmp_path), "--out", str(tmp_path / "c"), "--net", '{"patchh": 2}'], "unknown network setting(s) 'patchh'"),
     ]
     for args, message in cases:
         result = subprocess.run([sys.executable, "-m", "diffad", *args], capture_output=True, text=True, timeout=120)

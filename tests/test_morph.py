@@ -5,8 +5,8 @@ import torch
 from PIL import Image
 
 from diffad import load_checkpoint
-from diffad.morph import (FeatureGaussian, MorphConfig, before_after, energy_gradient, export_gif, export_mp4, feature_gaussian,
-                          fit_feature_gaussian, focus_weight, morph)
+from diffad.gaussian import FeatureGaussian, fit_feature_gaussian
+from diffad.morph import MorphConfig, before_after, energy_gradient, export_gif, export_mp4, feature_gaussian, focus_weight, morph
 from tests.conftest import BOTTLE, needs_bottle
 
 

@@ -1,9 +1,11 @@
 import csv
+from dataclasses import asdict
 
 import numpy as np
 import pytest
 
 from diffad import DataError, load_checkpoint
+from diffad.metrics import localisation_quality
 from diffad.train import TrainConfig, split_holdout, train
 from tests.conftest import TINY_NET
 
@@ -28,10 +30,10 @@ def test_training_lowers_the_loss_and_resumes(tiny_dataset, tmp_path):
     assert detector.training["steps_done"] == 60 and detector.training["train_images"] + detector.training["holdout_images"] == 10
     assert np.isfinite(detector.calibration.image_threshold) and len(detector.calibration.normal_scores) == 2
     # Smoothing is chosen on synthetic defects in the held-out images, and the best candidate is the default.
-    validation = detector.calibration.smoothing_validation
-    assert set(validation) == {"0.0", "2.0", "4.0", "8.0"}
-    best = max(validation, key=lambda k: validation[k]["pixel_auroc"] + validation[k]["aupro"])
-    assert detector.scoring.smoothing_sigma == float(best)
+    trials = detector.calibration.smoothing_trials
+    assert [trial.sigma for trial in trials] == [0.0, 2.0, 4.0, 8.0]
+    best = max(trials, key=lambda trial: localisation_quality(asdict(trial)))
+    assert detector.calibration.smoothing_sigma == best.sigma
 
 
 def test_a_time_limit_stops_training_with_a_checkpoint_that_resumes(tiny_dataset, tmp_path):
@@ -115,3 +117,10 @@ def test_recalibration_re_measures_on_the_training_holdout(tiny_checkpoint, tiny
     # The same held-out images scored by the saved (fp16) weights give the scores training measured.
     again = load_checkpoint(folder)
     np.testing.assert_allclose(sorted(again.calibration.normal_scores), sorted(original.calibration.normal_scores), rtol=0.05)
+
+
+def test_unknown_training_settings_are_named():
+    with pytest.raises(ValueError, match="unknown training setting.*'stepz'"):
+        TrainConfig.from_dict({"data": "d", "out": "o", "stepz": 3})
+    with pytest.raises(ValueError, match="unknown scoring setting.*'alfa'"):
+        TrainConfig(data="d", out="o", scoring={"alfa": 0.3})
