@@ -300,7 +300,7 @@ def run_morph(registry: CheckpointRegistry, image_path, category, step_size, den
             shown.append(canvas(frames[-1]))
             amap = resize_map(frame.anomaly_map, canvas.size)
             status = morph_status(frame, threshold)
-            pictures = picture_file(shown[-1]), picture_file(anomaly_picture(shown[-1], amap, detector.calibration.pixel_threshold))
+            pictures = picture_file(shown[-1]), picture_file(anomaly_picture(shown[-1], amap, detector.calibration.mask_threshold))
             yield *pictures, status, None, None
     except (DataError, ValueError) as exc:
         raise gr.Error(str(exc).replace(str(image_path), Path(image_path).name), print_exception=False) from exc

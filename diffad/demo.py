@@ -15,7 +15,7 @@ from PIL import Image
 
 from .data import DataError, read_image, to_uint8
 from .detector import AnomalyDetector
-from .scoring import feature_kind
+from .postprocess import verdict
 from .visualize import anomaly_picture, display_range, heatmap, outline, overlay
 
 MAP_CHOICES = {"Combined": "anomaly", "Pixel KL": "pixel", "Feature error": "feature", "RGB error": "rgb"}
@@ -44,7 +44,7 @@ class Analysis:
     score: float
     percentile: float
     image_threshold: float  # the calibrated ones; the sliders may differ
-    pixel_threshold: float
+    mask_threshold: float
     photo_size: tuple[int, int]  # (width, height) of the uploaded photo
     steps: list = field(default_factory=list)  # dicts: t, signal, xt, x0_hat, kl, feature (uint8 pictures)
     known_mask: np.ndarray | None = None  # (H, W) bool at display size
@@ -97,25 +97,18 @@ def resize_picture(picture: np.ndarray, size: tuple[int, int], resample=Image.BI
     return np.asarray(Image.fromarray(picture).resize(size, resample))
 
 
-def _z(values: np.ndarray, stats: list | None) -> np.ndarray:
-    if not stats:
-        return (values - values.mean()) / max(float(values.std()), 1e-12)
-    return (values - stats[0]) / max(stats[1], 1e-12)
-
-
 def _step_views(detector: AnomalyDetector, prediction, size: tuple[int, int]) -> list[dict]:
-    stats = detector.calibration.step_stats
     steps = []
     for step in prediction.steps:
-        step_stats = stats.get(str(step.t), {})
         steps.append({
             "t": step.t,
             "signal": float(detector.diffusion.sqrt_alphas_cumprod[step.t]),
             "xt": resize_picture(to_uint8(step.xt.clamp(-1, 1)), size),
             "x0_hat": resize_picture(to_uint8(step.x0_hat), size),
-            "kl": resize_picture(heatmap(_z(step.kl, step_stats.get("kl")), *STEP_Z_RANGE), size),
-            # The finest map: pooled ones spread one defect over 72 px and saturate this fixed scale on texture.
-            "feature": resize_picture(heatmap(_z(step.feature, step_stats.get(feature_kind(min(step.features)))), *STEP_Z_RANGE), size),
+            # z units as the score uses them (centred on the normal images' position means).
+            "kl": resize_picture(heatmap(step.kl_z, *STEP_Z_RANGE), size),
+            # The finest map: pooled ones spread one defect over many pixels and saturate this fixed scale on texture.
+            "feature": resize_picture(heatmap(step.feature_z, *STEP_Z_RANGE), size),
         })
     return steps
 
@@ -125,8 +118,7 @@ def analyse(detector: AnomalyDetector, image, known_mask: np.ndarray | None = No
     """Score a photo and keep what the page shows. `ood`: a diffad.ood.FeatureDistance for this category."""
     photo = read_image(image)
     size = display_size(*photo.size)
-    timesteps = sorted(int(t) for t in detector.calibration.step_stats)
-    prediction = detector.predict(photo, seed=seed, view_timesteps=timesteps)
+    prediction = detector.predict(photo, seed=seed, view_timesteps=detector.calibration.timesteps)
     if known_mask is not None:
         known_mask = np.asarray(Image.fromarray(known_mask.astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 127
     distance = None
@@ -141,8 +133,8 @@ def analyse(detector: AnomalyDetector, image, known_mask: np.ndarray | None = No
               "feature": prediction.feature_map.astype(np.float32), "rgb": prediction.rgb_map.astype(np.float32)},
         score=prediction.score,
         percentile=prediction.percentile,
-        image_threshold=detector.calibration.image_threshold,
-        pixel_threshold=detector.calibration.pixel_threshold,
+        image_threshold=prediction.image_threshold,
+        mask_threshold=prediction.mask_threshold,
         photo_size=photo.size,
         steps=_step_views(detector, prediction, display_size(*photo.size, PANEL_SIDE)),
         known_mask=known_mask,
@@ -154,7 +146,7 @@ def analyse(detector: AnomalyDetector, image, known_mask: np.ndarray | None = No
 
 def is_anomalous(analysis: Analysis, image_threshold: float) -> bool:
     """The one verdict: the headline, the text and the JSON all read it."""
-    return analysis.score > image_threshold
+    return verdict(analysis.score, image_threshold) == "anomalous"
 
 
 def flagged_fraction(analysis: Analysis, mask_threshold: float) -> float:
@@ -164,7 +156,7 @@ def flagged_fraction(analysis: Analysis, mask_threshold: float) -> float:
 def slider_ranges(analysis: Analysis) -> dict:
     """(minimum, maximum, calibrated value) of the two threshold sliders. The mask slider spans the colour bar."""
     top_score = max(2 * analysis.image_threshold, analysis.score * 1.2, 1.0)
-    return {"mask": (0.0, round(display_range(analysis.pixel_threshold)[1], 2), round(analysis.pixel_threshold, 2)),
+    return {"mask": (0.0, round(display_range(analysis.mask_threshold)[1], 2), round(analysis.mask_threshold, 2)),
             "image": (0.0, round(top_score, 2), round(analysis.image_threshold, 2))}
 
 
@@ -194,7 +186,7 @@ def summary(analysis: Analysis, image_threshold: float, mask_threshold: float) -
         "score": round(analysis.score, 4), "verdict_threshold": round(float(image_threshold), 4),
         "calibrated_verdict_threshold": round(analysis.image_threshold, 4),
         "percentile_of_normal_scores": round(analysis.percentile, 2),
-        "mask_threshold": round(float(mask_threshold), 4), "calibrated_mask_threshold": round(analysis.pixel_threshold, 4),
+        "mask_threshold": round(float(mask_threshold), 4), "calibrated_mask_threshold": round(analysis.mask_threshold, 4),
         "flagged_area_percent": round(100 * flagged_fraction(analysis, mask_threshold), 2),
         "photo_size": list(analysis.photo_size),
         "looks_like_category": None if analysis.ood_distance is None else not looks_unlike_category(analysis),
@@ -233,7 +225,7 @@ def map_picture(analysis: Analysis, map_label: str, mask_threshold: float) -> np
         raise DataError(f"unknown map {map_label!r}; choose from {', '.join(MAP_CHOICES)}")
     amap = resize_map(analysis.maps[key], analysis.display_size)
     if key == "anomaly":
-        return anomaly_picture(analysis.image, amap, analysis.pixel_threshold, mask_threshold, analysis.known_mask)
+        return anomaly_picture(analysis.image, amap, analysis.mask_threshold, mask_threshold, analysis.known_mask)
     # The other maps have their own units: show them between their median and 99.9th percentile.
     picture = overlay(analysis.image, amap, float(np.median(amap)), float(np.quantile(amap, 0.999)))
     if analysis.known_mask is not None:
@@ -245,7 +237,7 @@ def map_colorbar(analysis: Analysis, map_label: str, mask_threshold: float, widt
     """The colour bar of map_picture's colours, with the mask threshold marked on the combined map."""
     key = MAP_CHOICES.get(map_label, "anomaly")
     if key == "anomaly":
-        vmin, vmax = display_range(analysis.pixel_threshold)
+        vmin, vmax = display_range(analysis.mask_threshold)
         return colorbar(vmin, vmax, "anomaly, z units (▲ and green outline: mask threshold)", width, marker=mask_threshold)
     amap = analysis.maps[key]
     return colorbar(float(np.median(amap)), float(np.quantile(amap, 0.999)),

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_config
-from .detector import IMAGE_THRESHOLD_QUANTILE
+from .calibration import IMAGE_THRESHOLD_QUANTILE
 
 CARD_TEMPLATE = """---
 library_name: diffad

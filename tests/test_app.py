@@ -104,10 +104,10 @@ def test_one_verdict_when_the_threshold_moves(registry):
 
     analysis = page(registry, EXAMPLES / "crack.png")["state"]
     above = analysis.score * 1.5
-    _, verdict, details = app.redraw(analysis, "Combined", analysis.pixel_threshold, above)
+    _, verdict, details = app.redraw(analysis, "Combined", analysis.mask_threshold, above)
     assert "Normal" in verdict and "Anomalous" not in verdict and details["verdict"] == "normal"
     assert f"at or below the verdict threshold **{above:.2f}**" in verdict and "higher than" not in verdict
-    _, verdict, details = app.redraw(analysis, "Combined", analysis.pixel_threshold, analysis.image_threshold)
+    _, verdict, details = app.redraw(analysis, "Combined", analysis.mask_threshold, analysis.image_threshold)
     assert "Anomalous" in verdict and details["verdict"] == "anomalous"
 
 
@@ -115,9 +115,9 @@ def test_reset_buttons_restore_the_calibrated_thresholds(registry):
     import app
 
     analysis = page(registry, EXAMPLES / "crack.png")["state"]
-    assert app.calibrated_threshold("mask", analysis) == round(analysis.pixel_threshold, 2)
+    assert app.calibrated_threshold("mask", analysis) == round(analysis.mask_threshold, 2)
     assert app.calibrated_threshold("image", analysis) == round(analysis.image_threshold, 2)
-    assert abs(analysis.image_threshold - 10) > 0.1 and abs(analysis.pixel_threshold - 5) > 0.1  # not the placeholders
+    assert abs(analysis.image_threshold - 10) > 0.1 and abs(analysis.mask_threshold - 5) > 0.1  # not the placeholders
 
 
 def test_mask_slider_spans_the_colour_bar_which_marks_the_threshold(registry):
@@ -127,7 +127,7 @@ def test_mask_slider_spans_the_colour_bar_which_marks_the_threshold(registry):
     out = page(registry, EXAMPLES / "crack.png")
     analysis = out["state"]
     low, high, value = slider_ranges(analysis)["mask"]
-    assert (low, high) == tuple(round(v, 2) for v in display_range(analysis.pixel_threshold))
+    assert (low, high) == tuple(round(v, 2) for v in display_range(analysis.mask_threshold))
     assert out["mask"]["maximum"] == high and out["mask"]["value"] == value
     marked, unmarked = (map_colorbar(analysis, "Combined", t, 512) for t in (value, high + 1))
     assert (marked != unmarked).any()  # the ▲ at the threshold; none when it is off the bar
