@@ -243,7 +243,7 @@ def analyse_page(registry: CheckpointRegistry, image_path, category, token, requ
         except InputProblem as exc:
             unreadable = isinstance(exc.__cause__, DataError)
             hint = " Photos in PNG, JPEG, BMP, TIFF or WebP work." if unreadable else ""
-            outputs = (*cleared_outputs(message_markdown(str(exc) + hint)), None if unreadable else gr.update())
+            outputs = (*cleared_outputs(message_markdown(str(exc).rstrip(".") + "." + hint)), None if unreadable else gr.update())
     if request is not None and not REQUESTS.is_latest(request.session_hash, token):
         return tuple(gr.skip() for _ in range(len(outputs) + 1))
     return *outputs, token
@@ -358,7 +358,7 @@ def _layout(categories, default, source_note) -> SimpleNamespace:
                                                    elem_id="image-threshold", buttons=[])
                     ui.image_reset = gr.Button("↺ calibrated", elem_id="image-reset", size="sm")
             with gr.Accordion("Details", open=False):
-                ui.details = gr.JSON(label="Details", elem_id="details")
+                ui.details = gr.JSON(show_label=False, elem_id="details")
     with gr.Tab("Diffusion timesteps", elem_id="timesteps-tab"):
         ui.t_slider = gr.Slider(5, 500, value=5, step=5, label="Timestep t", elem_id="t-slider", buttons=[],
                                 info="Computed at t = 5, 10, 20, 50 and every 50 up to 500; other values show the nearest.")

@@ -19,12 +19,6 @@ from .postprocess import verdict
 from .visualize import anomaly_picture, display_range, heatmap, outline, overlay
 
 MAP_CHOICES = {"Combined": "anomaly", "Pixel KL": "pixel", "Feature error": "feature", "RGB error": "rgb"}
-MAP_HELP = {
-    "anomaly": "the anomaly map the verdict uses: KL and feature error, z-normalised and summed over timesteps",
-    "pixel": "per-pixel KL divergence between the model's and the true denoising step",
-    "feature": "how far the model's reconstruction of EfficientNet features is from the photo's",
-    "rgb": "plain colour difference between the photo and the model's clean estimate x̂0 (not used in the score)",
-}
 # Per-timestep maps are shown in z units (standard deviations above normal pixels) on this scale.
 STEP_Z_RANGE = (0.0, 8.0)
 # Pictures are shown with their long side this long (maps are upsampled from the model's resolution).

@@ -94,6 +94,9 @@ def test_main_path_example_analysis_timesteps_threshold_morph_new_photo(page, sh
     wait_text(page, "#details", "anomalous")
     assert "/work" not in text(page, "#details") and "/tmp" not in text(page, "#details")
     page.screenshot(path=str(shots / "1_analysis.png"), full_page=True)
+    page.get_by_text("Details", exact=True).click()  # closed again for the README picture
+    page.evaluate("window.scrollTo(0, 0)")
+    page.screenshot(path=str(shots / "analysis.png"))
 
     # Timestep scrub in t units.
     set_number(page, "t-slider", 50)
@@ -104,12 +107,14 @@ def test_main_path_example_analysis_timesteps_threshold_morph_new_photo(page, sh
     wait_text(page, "#step-text", "nearest computed timestep to 60", "t = 50")
     page.locator("#timesteps-tab").scroll_into_view_if_needed()
     page.screenshot(path=str(shots / "2_timesteps.png"), full_page=True)
+    page.locator("#timesteps-tab").screenshot(path=str(shots / "timesteps.png"))
 
     # The verdict threshold above the score: headline, text and JSON agree; ↺ restores the calibrated value.
     calibrated = page.locator("#image-threshold input[type=number]").input_value()
     top = page.get_attribute("#image-threshold input[type=range]", "max")  # above the score by construction
     set_number(page, "image-threshold", top)
     wait_text(page, "#verdict", "Normal", f"at or below the verdict threshold {float(top):.2f}")
+    page.get_by_text("Details", exact=True).click()
     wait_text(page, "#details", "normal")
     assert "anomalous" not in text(page, "#details")
     page.click("#image-reset")
