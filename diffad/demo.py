@@ -338,18 +338,24 @@ class MorphCanvas:
         return np.clip(self.photo + change, 0, 255).round().astype(np.uint8)
 
 
-# The GIF: a steady frame rate, cross-fades between morph frames, the first and last held so the change reads.
+# The GIF: a steady frame rate, cross-fades between morph frames, the first and last held so the change reads. A long
+# morph gets shorter fades so that the whole GIF stays a few seconds (and a few MB) long.
 GIF_FRAME_MS = 80
 GIF_FADE_FRAMES = 6
+GIF_MAX_FADES = 48
 GIF_HOLD_FRAMES = 12
 
 
 def export_morph_gif(frames: list[np.ndarray], path) -> Path:
+    fades = max(1, min(GIF_FADE_FRAMES, GIF_MAX_FADES // max(1, len(frames) - 1)))
     sequence = [frames[0]] * GIF_HOLD_FRAMES
     for a, b in zip(frames, frames[1:]):
         a, b = a.astype(np.float32), b.astype(np.float32)
-        sequence += [(a + (b - a) * (i / GIF_FADE_FRAMES)).round().astype(np.uint8) for i in range(1, GIF_FADE_FRAMES + 1)]
+        sequence += [(a + (b - a) * (i / fades)).round().astype(np.uint8) for i in range(1, fades + 1)]
     sequence += [frames[-1]] * GIF_HOLD_FRAMES
-    images = [Image.fromarray(f) for f in sequence]
-    images[0].save(path, save_all=True, append_images=images[1:], duration=GIF_FRAME_MS, loop=0, optimize=False)
+    # One palette for all frames and no dithering: what the morph leaves alone stays identical from frame to frame,
+    # so each frame stores only the region that changed.
+    palette = Image.fromarray(np.concatenate([frames[0], frames[-1]])).quantize(256)
+    images = [Image.fromarray(f).quantize(palette=palette, dither=Image.Dither.NONE) for f in sequence]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=GIF_FRAME_MS, loop=0, optimize=True)
     return Path(path)
