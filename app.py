@@ -414,6 +414,10 @@ def _wire(ui: SimpleNamespace, registry: CheckpointRegistry) -> None:
                ui.frame, ui.frame_map, ui.morph_status, ui.compare, ui.downloads]
     inputs = [ui.photo, ui.category]
     ui.api_trigger.click(bind(analyse_api, registry), inputs, outputs, api_name="analyse", concurrency_id="model")
+    morphing = ui.morph.click(bind(run_morph, registry),
+                              [ui.photo, ui.category, ui.step_size, ui.denoise_every, ui.loops, ui.seed, ui.keep_normal],
+                              [ui.frame, ui.frame_map, ui.morph_status, ui.compare, ui.downloads], api_name="morph",
+                              concurrency_id="model")
     page = bind(analyse_page, registry)
     page_outputs = outputs + [ui.photo, ui.request]  # an unreadable upload is removed, not left as a broken picture
     # Clear at once (no queue), then analyse: a new photo or category never sits beside the old results.
@@ -421,7 +425,9 @@ def _wire(ui: SimpleNamespace, registry: CheckpointRegistry) -> None:
     if ui.examples is not None:  # an example sets the photo and the category, then this runs once
         triggers.append(ui.examples.load_input_event.then)
     for trigger in triggers:
-        trigger(analysing, [ui.category], page_outputs, queue=False, show_progress="hidden", api_visibility="private").then(
+        # A morph of the previous photo stops too: its frames would otherwise keep arriving beside the new one.
+        trigger(analysing, [ui.category], page_outputs, queue=False, show_progress="hidden", api_visibility="private",
+                cancels=[morphing]).then(
             page, inputs + [ui.request], page_outputs, api_visibility="private", concurrency_id="model", trigger_mode="always_last",
             show_progress_on=[ui.result])
     ui.photo.clear(lambda: cleared_outputs(WELCOME), None, outputs, queue=False, api_visibility="private")
@@ -435,9 +441,6 @@ def _wire(ui: SimpleNamespace, registry: CheckpointRegistry) -> None:
     ui.t_slider.change(scrub, [ui.state, ui.t_slider], [ui.xt, ui.x0, ui.kl, ui.feat, ui.step_text], api_name="timestep",
                        concurrency_limit=None, show_progress="hidden")
     ui.t_slider.release(snap_timestep, [ui.state, ui.t_slider], [ui.t_slider], api_visibility="private", queue=False)
-    ui.morph.click(bind(run_morph, registry),
-                   [ui.photo, ui.category, ui.step_size, ui.denoise_every, ui.loops, ui.seed, ui.keep_normal],
-                   [ui.frame, ui.frame_map, ui.morph_status, ui.compare, ui.downloads], api_name="morph", concurrency_id="model")
 
 
 def _finite(value, name: str) -> float:

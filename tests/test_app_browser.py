@@ -139,12 +139,16 @@ def test_main_path_example_analysis_timesteps_threshold_morph_new_photo(page, sh
     assert links_in(page, "#downloads") == 0 and images_in(page, "#compare") == 0
     wait_text(page, "#morph-status", "done after")
 
-    # A new photo: the old verdict, map, timestep panels and morph go at once, then the new analysis arrives.
+    # A new photo: the old verdict, map, timestep panels and morph go at once (a morph still streaming stops),
+    # then the new analysis arrives.
+    page.click("#morph")
+    wait_text(page, "#morph-status", "Step")
     page.get_by_text("bottle · normal", exact=True).first.click()
     page.wait_for_function(f"!document.querySelector('#verdict').innerText.includes({first_verdict.splitlines()[1][:20]!r})")
     assert links_in(page, "#downloads") == 0 and "done after" not in text(page, "#morph-status")
     wait_text(page, "#verdict", "Score")
     assert text(page, "#verdict") != first_verdict
+    assert text(page, "#morph-status") == "" and links_in(page, "#downloads") == 0
 
     # Switching the category re-analyses the same photo and says it does not look like the category.
     page.locator("#category input").click()
