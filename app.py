@@ -349,13 +349,15 @@ def set_threads() -> None:
 
 def start(args) -> CheckpointRegistry:
     """The registry with the default category loaded, and warmed by one analysis of an example, so that the first
-    user's analysis is as fast as the next. On ZeroGPU every category is moved to CUDA here, in the main process
-    (the GPU itself only exists inside @spaces.GPU calls, so nothing runs on it yet)."""
+    user's analysis is as fast as the next. On ZeroGPU the categories loaded here (up to the registry's limit) are
+    moved to CUDA in the main process; the GPU itself only exists inside @spaces.GPU calls, so nothing runs on it yet."""
     set_threads()
+    log.info("torch threads: %d", torch.get_num_threads())
     registry = CheckpointRegistry(local_root=args.checkpoints, hub_repo=args.hub_repo, revision=args.revision)
     categories = registry.categories()
     default = default_category(categories)
-    for category in (categories[:registry.max_loaded] if ZERO_GPU else [default] if default else []):
+    others = [c for c in categories if c != default] if ZERO_GPU else []
+    for category in ([default] if default else []) + others[:registry.max_loaded - 1]:
         try:
             detector, origin = registry.get(category)
         except CheckpointError as exc:  # the page says so when the category is picked
@@ -379,14 +381,20 @@ def warm_up(detector) -> None:
     release_memory()
 
 
-# ZeroGPU asks for models on CUDA at module level, before the app starts (its docs' pattern).
-REGISTRY = start(parse_args([])) if ZERO_GPU else None
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request otherwise
+
+
+REGISTRY = None
+if ZERO_GPU:  # its docs' pattern: models on CUDA at module level, before the app starts
+    setup_logging()
+    REGISTRY = start(parse_args([]))
 
 
 def main(argv=None):
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request otherwise
+    setup_logging()
     demo = make_app(REGISTRY or start(args))
     demo.queue(max_size=args.max_queue, default_concurrency_limit=args.concurrency)
     demo.launch(server_name=args.host, server_port=args.port, max_file_size="20mb", show_error=True)

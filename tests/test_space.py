@@ -100,10 +100,11 @@ def test_app_starts_offline_on_a_fresh_checkout_with_the_local_default(tmp_path)
     from tests.app_server import running_app
 
     log_path = tmp_path / "app.log"
-    env = {"HF_HUB_OFFLINE": "1", "DIFFAD_HUB_REPO": "", "HF_HUB_CACHE": str(tmp_path / "empty_cache")}
+    env = {"HF_HUB_OFFLINE": "1", "DIFFAD_HUB_REPO": "", "HF_HUB_CACHE": str(tmp_path / "empty_cache"), "CPU_CORES": "1"}
     with running_app(env=env, log_path=log_path) as (url, _):
         log = log_path.read_text()
         assert "loaded bottle (local:" in log and "warmed bottle" in log  # before the page was served
+        assert "torch threads: 1" in log  # the Space's CPU share, not the host's cores
         details = Client(url, verbose=False).predict(handle_file(str(ROOT / "examples" / "bottle" / "crack.png")),
                                                      "bottle", api_name="/analyse")[1]
     assert details["checkpoint"] == f"local: {ROOT / 'checkpoints' / 'bottle'}"
