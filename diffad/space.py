@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, list_local_categories
+from .hub import PAPER_TITLE, PAPER_URL
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACE_FILES = ("app.py", "requirements.txt")
@@ -86,8 +87,6 @@ def space_readme(root: Path, model_repo: str | None, preload: str | None, catego
         card.data.models = None
     checkpoints = (f"[{model_repo}](https://huggingface.co/{model_repo})" if model_repo
                    else "bundled in this Space") + f" ({', '.join(categories)})"
-    from .hub import PAPER_TITLE, PAPER_URL
-
     body = SPACE_BODY.format(title=card.data.title, paper=f"[*{PAPER_TITLE}*]({PAPER_URL})", checkpoints=checkpoints)
     return f"---\n{card.data.to_yaml()}\n---\n{body}"
 
