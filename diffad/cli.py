@@ -244,7 +244,7 @@ def main(argv=None) -> int:
     }[args.command]
     try:
         return handler(args)
-    except (DataError, CheckpointError, ValueError) as exc:
+    except (DataError, CheckpointError, ValueError, OSError) as exc:  # OSError: also the Hub's HTTP errors
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -141,3 +141,12 @@ def test_training_command_names_the_recipe():
         "--lr 0.0002 --augment flip --seed 0",
         "diffad calibrate --checkpoint checkpoints/tile --data data/tiles --feature-pool 1,3,9",
     ]
+
+
+def test_an_unreachable_hub_is_one_line_and_exit_2(evaluated, monkeypatch, capsys):
+    def refuse(api, repo_id, **kwargs):
+        raise OSError("connection refused")
+
+    monkeypatch.setattr(HfApi, "create_repo", refuse)
+    assert main(["push", "--checkpoint", str(evaluated), "--repo-id", "someone/ckpts"]) == 2
+    assert capsys.readouterr().err == "error: connection refused\n"
