@@ -23,6 +23,7 @@ from PIL import Image
 from diffad import CheckpointError, DataError
 from diffad.data import MAX_IMAGE_PIXELS, read_image
 from diffad.demo import MAP_CHOICES, VIEW_TIMESTEPS, analyse, colorbar, known_examples, map_picture, sha256_of, step_view, verdict_markdown
+from diffad.postprocess import verdict as verdict_of
 from diffad.morph import MorphConfig, before_after, export_gif, export_mp4, morph
 from diffad.registry import CheckpointRegistry
 from diffad.space import hub_source
@@ -125,23 +126,23 @@ def make_app(registry: CheckpointRegistry) -> gr.Blocks:
         prune_outputs()
         progress(0.9, desc="rendering")
         label = next(iter(MAP_CHOICES))
-        vmin, vmax = display_range(analysis.pixel_threshold)
+        vmin, vmax = display_range(analysis.mask_threshold)
         summary = {
             "category": category, "score": round(analysis.score, 4), "percentile": round(analysis.percentile, 2),
-            "verdict": "anomalous" if analysis.score > analysis.image_threshold else "normal",
-            "image_threshold": round(analysis.image_threshold, 4), "pixel_threshold": round(analysis.pixel_threshold, 4),
+            "verdict": verdict_of(analysis.score, analysis.image_threshold),
+            "image_threshold": round(analysis.image_threshold, 4), "pixel_threshold": round(analysis.mask_threshold, 4),
             "checkpoint": origin,
         }
-        top = max(2 * analysis.pixel_threshold, float(analysis.maps["anomaly"].max()), 1.0)
+        top = max(2 * analysis.mask_threshold, float(analysis.maps["anomaly"].max()), 1.0)
         top_score = max(2 * analysis.image_threshold, analysis.score * 1.2, 1.0)
         return (
             analysis,
-            verdict_markdown(analysis, analysis.image_threshold, analysis.pixel_threshold),
+            verdict_markdown(analysis, analysis.image_threshold, analysis.mask_threshold),
             summary,
-            picture_file(map_picture(analysis, label, analysis.pixel_threshold)),
+            picture_file(map_picture(analysis, label, analysis.mask_threshold)),
             picture_file(colorbar(vmin, vmax, "anomaly (z units over normal pixels)")),
             gr.update(value=label),
-            gr.update(minimum=0.0, maximum=round(top, 2), value=round(analysis.pixel_threshold, 2)),
+            gr.update(minimum=0.0, maximum=round(top, 2), value=round(analysis.mask_threshold, 2)),
             gr.update(minimum=0.0, maximum=round(top_score, 2), value=round(analysis.image_threshold, 2)),
             *step_files(analysis, 0),
             gr.update(value=0),
@@ -178,7 +179,7 @@ def make_app(registry: CheckpointRegistry) -> gr.Blocks:
                           f"(threshold {detector.calibration.image_threshold:.2f}), energy {frame.energy:,.0f}"
                           + (" — normal ✅" if frame.is_normal else ""))
                 shown = picture_file(frames[-1]), picture_file(anomaly_picture(frames[-1], frame.anomaly_map,
-                                                                                detector.calibration.pixel_threshold))
+                                                                                detector.calibration.mask_threshold))
                 yield *shown, status, gr.update(), gr.update()
         except (DataError, ValueError) as exc:
             raise _error(exc) from exc

@@ -20,7 +20,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.app_server import running_app  # noqa: E402  (the same launch helper the app tests use)
 
 
 def main(argv=None):
@@ -30,6 +29,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     from gradio_client import Client, handle_file
+
+    from tests.app_server import running_app  # the same launch helper the app tests use
 
     from diffad.morph import MorphConfig
 
@@ -74,6 +75,17 @@ def main(argv=None):
     from benchmarks.run import save_section
 
     save_section("app", result)
+
+
+def render(a: dict) -> list[str]:
+    return [f"## Web app ({a['threads']} CPU threads, `benchmarks/app_latency.py`, medians through gradio_client)", "",
+            f"- cold start to first served page: {a['cold_start_to_first_page_s']:.1f} s",
+            # Measured since the default category is warmed before serving (older results lack it).
+            *([f"- first analysis after the start: {a['first_analysis_round_trip_s']:.2f} s"]
+              if "first_analysis_round_trip_s" in a else []),
+            f"- analysis round trip ({a['category']}, 12 timesteps for the slider): {a['analysis_round_trip_s']:.2f} s",
+            f"- timestep slider round trip: {a['timestep_slider_round_trip_s'] * 1000:.0f} ms; threshold: {a['threshold_round_trip_s'] * 1000:.0f} ms",
+            f"- morph round trip (default settings, up to {a['morph_max_loops']} loops): {a['morph_round_trip_s']:.1f} s", ""]
 
 
 if __name__ == "__main__":

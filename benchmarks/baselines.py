@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
-from diffad.morph import FeatureGaussian
+from diffad.gaussian import FeatureGaussian
 
 
 def _features(backbone, images: torch.Tensor, batch: int = 16) -> torch.Tensor:

@@ -30,8 +30,6 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.app_server import running_app  # noqa: E402
-from tests import test_bad_input as bad  # noqa: E402
 
 # Relative frequency of each action; every client starts with an analysis so scrubs and thresholds have a state.
 MIX = {"analyse": 0.30, "timestep": 0.30, "threshold": 0.20, "morph": 0.10, "bad_upload": 0.10}
@@ -206,6 +204,9 @@ def disconnect_phase(url, pid, category, image, log_path: Path) -> dict:
 
 
 def main(argv=None):
+    from tests import test_bad_input as bad  # the cases CI runs, counted in the report
+    from tests.app_server import running_app
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--category", default="bottle")
     parser.add_argument("--clients", type=int, default=16)
@@ -244,6 +245,33 @@ def main(argv=None):
     from benchmarks.run import save_section
 
     save_section("reliability", result)
+
+
+def render(r: dict) -> list[str]:
+    load, overflow, disconnect = r["load"], r["overflow"], r["disconnect"]
+    memory = ", ".join(f"{n}: {m:.0f}" for n, m in load["rss_by_requests_mb"])
+    out = [f"## Reliability ({r['threads']} CPU threads, `benchmarks/load_test.py`, {r['category']})", "",
+           "### Bad input (cases in `tests/test_bad_input.py`, all in CI; every one gets a clear message or a documented conversion)", "",
+           "| family | cases |", "|---|---|"]
+    out += [f"| {family} | {n} |" for family, n in r["bad_input_cases"].items()]
+    out += ["", f"### Load: {load['clients']} concurrent gradio_client clients for {load['duration_s']:.0f} s", "",
+            f"- requests served: **{load['requests']}**, failed: **{load['failures']}** "
+            f"(plus {load['refused_bad_uploads']} corrupt uploads refused with a clear message, as they should be)",
+            f"- latency over all requests: p50 {load['p50_s']:.2f} s, p95 {load['p95_s']:.2f} s (queue wait included)", "",
+            "| endpoint | requests | p50 (s) | p95 (s) |", "|---|---|---|---|"]
+    out += [f"| {name} | {e['requests']} | {e['p50_s']:.2f} | {e['p95_s']:.2f} |" for name, e in load["per_endpoint"].items()]
+    out += ["", f"- app process memory (RSS, MB) before the load: {load['rss_before_mb']:.0f}; after N requests: {memory}",
+            f"- peak RSS: **{load['peak_rss_mb']:.0f} MB**; growth from request 200 to the end: {load['rss_growth_after_200_requests_mb']:.0f} MB",
+            f"- repeated analyses of the same image under concurrency: {load['images_with_differing_scores']} of "
+            f"{load['images_analysed']} images got differing scores",
+            "", f"### Bounded queue: {overflow['submitted']} analyses submitted at once (queue size {overflow['queue_size']})", "",
+            f"- served: {overflow['served']}, refused with \"queue is full\" instead of waiting: {overflow['refused_queue_full']} "
+            f"(slowest refusal {overflow['slowest_refusal_s']} s, client start-up included), "
+            f"other failures: {len(overflow['other_failures'])}",
+            "", "### Client leaving mid-morph (20 loops requested, client process killed after the first frames)", "",
+            f"- server CPU busy for {disconnect['server_busy_after_disconnect_s']} s after the disconnect, then idle; "
+            f"app log: \"{disconnect['server_log']}\"", ""]
+    return out
 
 
 if __name__ == "__main__":

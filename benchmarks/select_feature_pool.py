@@ -13,7 +13,6 @@ the choice never saw. Writes benchmarks/feature_pool_selection.json; apply a cho
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -23,9 +22,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.run import DATA  # noqa: E402
+from benchmarks.common import DATA  # noqa: E402
 from diffad import load_checkpoint  # noqa: E402
-from diffad.evaluate import score_test_set, validation_split  # noqa: E402
+from diffad.calibration import calibrate  # noqa: E402
+from diffad.evaluate import Variant, score_test_set, validation_split  # noqa: E402
 from diffad.metrics import evaluate_maps, localisation_quality  # noqa: E402
 from diffad.train import checkpoint_split  # noqa: E402
 
@@ -37,9 +37,9 @@ def select(category: str) -> dict:
     detector = load_checkpoint(checkpoint)
     # Calibrated with every candidate size at once, so each candidate is a subset it can combine.
     every_size = tuple(sorted({k for c in CANDIDATES for k in c}))
-    detector.scoring = dataclasses.replace(detector.scoring, feature_pool=every_size)
-    detector.calibrate(checkpoint_split(detector, root)[1], detector.scoring.timesteps, select_smoothing=False)
-    variants = {",".join(map(str, c)): dataclasses.replace(detector.scoring, feature_pool=c) for c in CANDIDATES}
+    calibration = calibrate(detector, checkpoint_split(detector, root)[1], timesteps=detector.scoring.timesteps,
+                            feature_pool=every_size, smoothing_sigma=detector.calibration.smoothing_sigma)
+    variants = {",".join(map(str, c)): Variant(detector.scoring, calibration.with_feature_pool(c)) for c in CANDIDATES}
     scored = score_test_set(detector, root, variants)  # the whole split, so the split's order is run.py's; only
     v = validation_split(next(iter(scored.values())).defects)  # the validation fifth is read
     results = {name: evaluate_maps(s.labels[v], s.scores[v], s.masks[v], s.maps[v]) for name, s in scored.items()}

@@ -71,9 +71,6 @@ class FeatureExtractor(nn.Module):
     def train(self, mode: bool = True):  # frozen: batch-norm statistics never update
         return super().train(False)
 
-    def grid(self, resolution: int) -> int:
-        return resolution // self.stride
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feats = self.net(x * self.scale + self.shift)
         size = (x.shape[-2] // self.stride, x.shape[-1] // self.stride)

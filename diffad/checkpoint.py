@@ -12,11 +12,15 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .detector import FORMAT_VERSION, AnomalyDetector, Calibration
+from .calibration import Calibration
+from .detector import AnomalyDetector
 from .diffusion import GaussianDiffusion
 from .models import DiffADNet, NetConfig
-from .scoring import ScoringConfig
+from .scoring import ScoringConfig, pool_sizes
 
+# Version 2: NetConfig.prediction. Version 3: the calibration holds the smoothing, the feature pooling and the
+# morph's Gaussian, with typed statistics (`Calibration.to_config`); ScoringConfig.pixel_map is `pixel_kind`.
+FORMAT_VERSION = 3
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 HUB_REPO_PATTERN = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
@@ -34,13 +38,68 @@ CONFIG_SCHEMA = {
 }
 
 
-def _from_version_1(config: dict) -> dict:
+def _from_version_1(config: dict, tensors: dict | None) -> tuple[dict, dict | None]:
     # Version 1 networks all predicted the noise; the setting came with version 2.
-    return {**config, "format_version": 2, "net": {"prediction": "eps", **config["net"]}}
+    return {**config, "format_version": 2, "net": {"prediction": "eps", **config["net"]}}, tensors
 
 
-# Format version -> function upgrading a config.json of that version by one version.
-MIGRATIONS = {1: _from_version_1}
+def _from_version_2(config: dict, tensors: dict | None) -> tuple[dict, dict | None]:
+    scoring, old = dict(config["scoring"]), dict(config["calibration"])
+    scoring["pixel_kind"] = scoring.pop("pixel_map", "kl")
+    used_pools = pool_sizes(scoring.pop("feature_pool", 1))
+    stored_pool = old.get("feature_pool", 1)
+    calibrated_pools = pool_sizes(stored_pool)
+    # Written when one size was all there was, "feature" named the map of that size; later, the unpooled one.
+    single = stored_pool if isinstance(stored_pool, int) else 1
+    step_stats = {int(t): kinds for t, kinds in old.get("step_stats", {}).items()}
+    timesteps = sorted(step_stats)
+
+    def pool_of(kind: str) -> int:
+        return int(kind.partition("@")[2] or single)
+
+    def stats(select) -> dict:
+        rows = [next(v for kind, v in step_stats[t].items() if select(kind)) for t in timesteps]
+        return {"mean": [r[0] for r in rows], "std": [r[1] for r in rows]}
+
+    calibration = {
+        "timesteps": timesteps,
+        "kl": stats(lambda kind: kind == "kl"), "rgb": stats(lambda kind: kind == "rgb"),
+        "features": [{"pool": k, **stats(lambda kind, k=k: kind.startswith("feature") and pool_of(kind) == k)} for k in used_pools],
+        "smoothing_sigma": float(scoring.pop("smoothing_sigma", 0.0)),
+        "smoothing_trials": [{"sigma": float(sigma), **metrics} for sigma, metrics in old.get("smoothing_validation", {}).items()],
+        "normal_scores": old.get("normal_scores", []),
+        "image_threshold": old.get("image_threshold", float("inf")),
+        "mask_threshold": old.get("pixel_threshold", float("inf")),
+    }
+    config = {**config, "format_version": 3, "scoring": scoring, "calibration": calibration}
+    return config, None if tensors is None else _tensors_from_version_2(tensors, timesteps, calibrated_pools, used_pools)
+
+
+def _tensors_from_version_2(tensors: dict, timesteps: list[int], calibrated_pools, used_pools) -> dict:
+    """Version 2 stacked the position means as extras.position_mean (T, [kl, finest feature, rgb], R, R) and
+    extras.position_mean_pooled (T, coarser features, r, r), rows in extras.position_mean_timesteps' order."""
+    moved = {k: v for k, v in tensors.items() if not k.startswith("extras.")}
+    for key in ("gaussian_mean", "gaussian_precision", "gaussian_dims"):
+        if f"extras.{key}" in tensors:
+            moved[f"calibration.{key}"] = tensors[f"extras.{key}"]
+    full, pooled, rows = (tensors.get(f"extras.{k}") for k in ("position_mean", "position_mean_pooled", "position_mean_timesteps"))
+    if full is None and rows is None:
+        return moved
+    if (full is None or rows is None or rows.dim() != 1 or sorted(rows.tolist()) != timesteps or full.dim() != 4
+            or full.shape[:2] != (len(rows), 3) or (len(calibrated_pools) > 1 and (pooled is None or pooled.dim() != 4
+                                                                               or pooled.shape[:2] != (len(rows), len(calibrated_pools) - 1)))):
+        raise ValueError("the checkpoint's position-wise normal means have inconsistent shapes or values")
+    order = [rows.tolist().index(t) for t in timesteps]
+    maps = {"kl": full[:, 0], f"feature_{calibrated_pools[0]}": full[:, 1], "rgb": full[:, 2]}
+    maps.update({f"feature_{k}": pooled[:, i] for i, k in enumerate(calibrated_pools[1:])})
+    for name, value in maps.items():
+        if name in ("kl", "rgb") or int(name.split("_")[1]) in used_pools:
+            moved[f"calibration.position_mean.{name}"] = value[order].contiguous()
+    return moved
+
+
+# Format version -> function upgrading a config.json of that version (and its tensors, when given) by one version.
+MIGRATIONS = {1: _from_version_1, 2: _from_version_2}
 
 
 class CheckpointError(ValueError):
@@ -53,22 +112,31 @@ def validate_category(name: str) -> str:
     return name
 
 
-def save_checkpoint(detector: AnomalyDetector, folder, extra_tensors: dict | None = None) -> Path:
-    """Write config.json and model.safetensors (network in fp16, statistics in fp32)."""
+def save_checkpoint(detector: AnomalyDetector, folder) -> Path:
+    """Write config.json and model.safetensors (network in fp16, statistics in fp32, calibration as it is held)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {f"net.{k}": v.detach().to("cpu", torch.float16).contiguous() for k, v in detector.net.state_dict().items()}
     tensors["feature_mean"] = detector.feature_mean.detach().cpu().float().contiguous()
     tensors["feature_std"] = detector.feature_std.detach().cpu().float().contiguous()
-    for key, value in {**detector.extra_tensors, **(extra_tensors or {})}.items():
-        tensors[f"extras.{key}"] = value.detach().cpu().contiguous()
-    config = detector.config_dict()
+    tensors.update({f"calibration.{k}": v for k, v in detector.calibration.to_tensors().items()})
+    config = {
+        "format_version": FORMAT_VERSION,
+        "category": detector.category,
+        "backbone": detector.backbone_name,
+        "diffusion": {"num_train_timesteps": detector.diffusion.num_timesteps, "beta_schedule": detector.diffusion.beta_schedule},
+        "net": detector.net.config.to_dict(),
+        "scoring": detector.scoring.to_dict(),
+        "calibration": detector.calibration.to_config(),
+        "training": detector.training,
+    }
     save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt", "format_version": str(FORMAT_VERSION)})
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     return folder
 
 
-def read_config(path: Path) -> dict:
+def _read_config(path: Path) -> dict:
+    """config.json as written, its top level checked; not yet migrated."""
     try:
         config = json.loads(path.read_text())
     except FileNotFoundError as exc:
@@ -88,10 +156,24 @@ def read_config(path: Path) -> dict:
         raise CheckpointError(
             f"{path}: format version {config['format_version']} is not supported (this diffad reads {FORMAT_VERSION})"
         )
-    while config["format_version"] != FORMAT_VERSION:
-        config = MIGRATIONS[config["format_version"]](config)
     validate_category(config["category"])
     return config
+
+
+def migrate(config: dict, tensors: dict | None = None) -> tuple[dict, dict | None]:
+    """A checkpoint's config (and tensors) upgraded to FORMAT_VERSION, one version at a time."""
+    while config["format_version"] != FORMAT_VERSION:
+        config, tensors = MIGRATIONS[config["format_version"]](config, tensors)
+    return config, tensors
+
+
+def read_config(path: Path) -> dict:
+    """A checkpoint's config.json, checked and upgraded to the current format."""
+    config = _read_config(path)
+    try:
+        return migrate(config)[0]
+    except (TypeError, ValueError, KeyError, StopIteration) as exc:
+        raise CheckpointError(f"{path}: invalid settings ({exc})") from exc
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -103,21 +185,11 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: unreadable or truncated safetensors file ({exc})") from exc
 
 
-def load_folder(folder, device: str | torch.device = "cpu") -> AnomalyDetector:
-    folder = Path(folder)
-    config = read_config(folder / CONFIG_NAME)
-    tensors = _load_tensors(folder / WEIGHTS_NAME)
-    weights_path = folder / WEIGHTS_NAME
-    try:
-        diffusion = GaussianDiffusion(**config["diffusion"])
-        net = DiffADNet(NetConfig.from_dict(config["net"]), diffusion.alphas_cumprod)
-        scoring = ScoringConfig.from_dict(config["scoring"])
-        calibration = Calibration.from_dict(config["calibration"])
-    except (TypeError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"{folder / CONFIG_NAME}: invalid settings ({exc})") from exc
-    expected = net.state_dict()
+def _network(config: dict, diffusion: GaussianDiffusion, tensors: dict, weights_path: Path) -> DiffADNet:
+    """The network of a (migrated) config with its weights, every tensor's shape and type checked."""
+    net = DiffADNet(NetConfig.from_dict(config["net"]), diffusion.alphas_cumprod)
     state = {}
-    for key, ref in expected.items():
+    for key, ref in net.state_dict().items():
         value = tensors.get(f"net.{key}")
         if value is None:
             raise CheckpointError(f"{weights_path}: tensor net.{key} is missing")
@@ -127,6 +199,25 @@ def load_folder(folder, device: str | torch.device = "cpu") -> AnomalyDetector:
             )
         state[key] = value.to(ref.dtype)
     net.load_state_dict(state)
+    return net
+
+
+def load_folder(folder, device: str | torch.device = "cpu") -> AnomalyDetector:
+    folder = Path(folder)
+    config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    config = _read_config(config_path)
+    tensors = _load_tensors(weights_path)
+    try:
+        config, tensors = migrate(config, tensors)
+        diffusion = GaussianDiffusion(**config["diffusion"])
+        net = _network(config, diffusion, tensors, weights_path)
+        scoring = ScoringConfig.from_dict(config["scoring"])
+        prefix = "calibration."
+        calibration = Calibration.from_checkpoint(
+            config["calibration"], {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, net.config.resolution
+        )
+    except (TypeError, ValueError, KeyError, StopIteration) as exc:
+        raise CheckpointError(f"{config_path}: invalid settings ({exc})") from exc
     channels = net.config.feature_channels
     stats = {}
     for key in ("feature_mean", "feature_std"):
@@ -134,26 +225,9 @@ def load_folder(folder, device: str | torch.device = "cpu") -> AnomalyDetector:
         if value is None or value.shape != (channels,):
             raise CheckpointError(f"{weights_path}: tensor {key} is missing or not of shape ({channels},)")
         stats[key] = value.float()
-    extras = {k[len("extras."):]: v for k, v in tensors.items() if k.startswith("extras.")}
-    detector = AnomalyDetector(
-        net,
-        category=config["category"],
-        scoring=scoring,
-        calibration=calibration,
-        backbone=config["backbone"],
-        diffusion=diffusion,
-        training=config.get("training", {}),
-        extra_tensors=extras,
-        **stats,
-    )
-    try:
-        detector.check_calibrated_for(scoring)
-    except ValueError as exc:
-        raise CheckpointError(f"{folder / CONFIG_NAME}: {exc}") from exc
-    try:
-        detector.position_means()
-    except ValueError as exc:
-        raise CheckpointError(f"{weights_path}: {exc}") from exc
+    detector = AnomalyDetector(net, category=config["category"], scoring=scoring, calibration=calibration,
+                               backbone=config["backbone"], diffusion=diffusion,
+                               training=config.get("training", {}), **stats)
     return detector.to(device)
 
 

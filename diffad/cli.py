@@ -12,8 +12,10 @@ from PIL import Image
 
 from .checkpoint import CheckpointError, load_checkpoint
 from .data import IMAGE_SUFFIXES, DataError, list_images, to_uint8
+from .evaluate import MAP_KINDS
 from .examples import POLISH_LOOPS
-from .morph import MorphConfig
+from .morph import STOP_RULES, MorphConfig
+from .train import AUGMENTATIONS, TrainConfig
 
 log = logging.getLogger("diffad")
 
@@ -34,14 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", required=True, help="MVTec-layout category folder (train/good) or a plain image folder")
     train.add_argument("--out", required=True, help="checkpoint folder to write, e.g. checkpoints/NAME")
     train.add_argument("--category", help="category name (default: the --out folder's name)")
-    train.add_argument("--resolution", type=int, default=256)
-    train.add_argument("--steps", type=int, default=4000)
-    train.add_argument("--batch-size", type=int, default=8)
-    train.add_argument("--lr", type=float, default=2e-4)
-    train.add_argument("--augment", choices=["none", "flip", "dihedral"], default="flip")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    train.add_argument("--save-every", type=int, default=500)
+    train.add_argument("--resolution", type=int, default=TrainConfig.resolution)
+    train.add_argument("--steps", type=int, default=TrainConfig.steps)
+    train.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    train.add_argument("--lr", type=float, default=TrainConfig.lr)
+    train.add_argument("--augment", choices=AUGMENTATIONS, default=TrainConfig.augment)
+    train.add_argument("--seed", type=int, default=TrainConfig.seed)
+    train.add_argument("--device", default=TrainConfig.device, help="cpu, cuda or auto")
+    train.add_argument("--save-every", type=int, default=TrainConfig.save_every)
     train.add_argument("--time-limit", type=float, metavar="MINUTES",
                        help="stop after this many minutes of training, saving the checkpoint there (--resume continues)")
     train.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
@@ -54,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", required=True, help="category folder with test/ and ground_truth/")
     evaluate.add_argument("--out", help="folder for metrics.json, metrics.md and --save-maps overlays")
     evaluate.add_argument("--save-maps", action="store_true")
+    evaluate.add_argument("--map", choices=MAP_KINDS, default="combined",
+                          help="score with this map alone (ablation): the KL, feature or RGB error maps, or their combination")
 
     calibrate = sub.add_parser("calibrate", help="re-measure calibration and refit the morph's feature model")
     calibrate.add_argument("--checkpoint", required=True, help="local category folder (rewritten in place)")
@@ -73,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     morph.add_argument("--seed", type=int, default=MorphConfig.seed)
     morph.add_argument("--focus", type=float, default=MorphConfig.focus,
                        help="above 0: change pixels by how anomalous they look (keeps normal detail); 0: the paper's morph")
+    morph.add_argument("--stop-at", choices=STOP_RULES, default=MorphConfig.stop_at,
+                       help="typical: stop once the part scores like the median normal part; threshold: once the "
+                            "verdict is normal; never: run every loop")
 
     examples = sub.add_parser("examples", help="make example images: diffusion samples plus synthetic defects")
     _add_checkpoint_args(examples)
@@ -125,7 +132,7 @@ def _collect(inputs) -> list[Path]:
 
 
 def cmd_train(args) -> int:
-    from .train import STATE_NAME, TrainConfig, train
+    from .train import STATE_NAME, train
 
     out = Path(args.out)
     if (out / STATE_NAME).exists() and not args.resume:
@@ -144,8 +151,8 @@ def cmd_evaluate(args) -> int:
     from .evaluate import evaluate, markdown_table
 
     detector = load_checkpoint(args.checkpoint, args.category, args.revision, device=args.device)
-    metrics = evaluate(detector, args.data, out=args.out, save_maps=args.save_maps)
-    print(markdown_table(metrics, detector.category))
+    metrics = evaluate(detector, args.data, out=args.out, save_maps=args.save_maps, map_kind=args.map)
+    print(markdown_table(metrics, f"{detector.category}, {args.map} map"))
     return 0
 
 
@@ -154,8 +161,8 @@ def cmd_calibrate(args) -> int:
 
     detector = recalibrate(args.checkpoint, args.data, feature_pool=args.feature_pool)
     print(f"{args.checkpoint}: image threshold {detector.calibration.image_threshold:.3f}, "
-          f"pixel threshold {detector.calibration.pixel_threshold:.3f}, "
-          f"feature pool {','.join(map(str, detector.scoring.feature_pool))}")
+          f"mask threshold {detector.calibration.mask_threshold:.3f}, "
+          f"feature pool {','.join(map(str, detector.calibration.feature_pool))}")
     return 0
 
 
@@ -164,11 +171,12 @@ def cmd_morph(args) -> int:
 
     detector = load_checkpoint(args.checkpoint, args.category, args.revision, device=args.device)
     config = MorphConfig(step_size=args.step_size, denoise_every=args.denoise_every, max_loops=args.loops, seed=args.seed,
-                         focus=args.focus)
+                         focus=args.focus, stop_at=args.stop_at)
     frames = []
     for frame in morph(detector, args.image, config):
         frames.append(frame)
-        print(f"step {frame.step:3d}: score {frame.score:.3f} energy {frame.energy:.0f}{' (normal)' if frame.is_normal else ''}")
+        state = " (scores like a typical normal part)" if frame.is_typical else " (under the verdict threshold)" if frame.is_normal else ""
+        print(f"step {frame.step:3d}: score {frame.score:.3f} energy {frame.energy:.0f}{state}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = Path(args.image).stem
@@ -222,7 +230,7 @@ def cmd_predict(args) -> int:
             failed += 1
             print(f"skipped: {exc}", file=sys.stderr)
             continue
-        picture = anomaly_picture(to_uint8(prediction.image), prediction.anomaly_map, prediction.pixel_threshold)
+        picture = anomaly_picture(to_uint8(prediction.image), prediction.anomaly_map, prediction.mask_threshold)
         overlay_path = out / f"{path.stem}_overlay.png"
         Image.fromarray(picture).save(overlay_path)
         rows.append([str(path), f"{prediction.score:.4f}", f"{prediction.percentile:.1f}", prediction.verdict, overlay_path.name])

@@ -13,9 +13,9 @@ import numpy as np
 from PIL import Image
 
 from .data import DataError, to_uint8
+from .calibration import CALIBRATED_TIMESTEPS
 from .detector import AnomalyDetector
-from .scoring import feature_kind
-from .train import CALIBRATED_TIMESTEPS
+from .postprocess import verdict
 from .visualize import anomaly_picture, heatmap, outline, overlay
 
 VIEW_TIMESTEPS = CALIBRATED_TIMESTEPS
@@ -34,7 +34,7 @@ class Analysis:
     score: float
     percentile: float
     image_threshold: float
-    pixel_threshold: float
+    mask_threshold: float
     steps: list = field(default_factory=list)  # dicts: t, xt, x0_hat, kl, feature (uint8 pictures)
     known_mask: np.ndarray | None = None
 
@@ -56,26 +56,19 @@ def sha256_of(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def _z(values: np.ndarray, stats: list | None) -> np.ndarray:
-    if not stats:
-        return (values - values.mean()) / max(float(values.std()), 1e-12)
-    return (values - stats[0]) / max(stats[1], 1e-12)
-
-
 def analyse(detector: AnomalyDetector, image, known_mask: np.ndarray | None = None, seed: int | None = None) -> Analysis:
     prediction = detector.predict(image, seed=seed, view_timesteps=VIEW_TIMESTEPS)
-    stats = detector.calibration.step_stats
     steps = []
     for step in prediction.steps:
-        step_stats = stats.get(str(step.t), {})
         steps.append({
             "t": step.t,
             "signal": float(detector.diffusion.sqrt_alphas_cumprod[step.t]),
             "xt": to_uint8(step.xt.clamp(-1, 1)),
             "x0_hat": to_uint8(step.x0_hat),
-            "kl": heatmap(_z(step.kl, step_stats.get("kl")), *STEP_Z_RANGE),
-            # The finest map: pooled ones spread one defect over 72 px and saturate this fixed scale on texture.
-            "feature": heatmap(_z(step.feature, step_stats.get(feature_kind(min(step.features)))), *STEP_Z_RANGE),
+            # z units as the score uses them (centred on the normal images' position means).
+            "kl": heatmap(step.kl_z, *STEP_Z_RANGE),
+            # The finest map: pooled ones spread one defect over many pixels and saturate this fixed scale on texture.
+            "feature": heatmap(step.feature_z, *STEP_Z_RANGE),
         })
     if known_mask is not None and known_mask.shape != prediction.anomaly_map.shape:
         known_mask = np.asarray(Image.fromarray(known_mask.astype(np.uint8) * 255).resize(prediction.anomaly_map.shape[::-1], Image.NEAREST)) > 127
@@ -86,8 +79,8 @@ def analyse(detector: AnomalyDetector, image, known_mask: np.ndarray | None = No
               "feature": prediction.feature_map.astype(np.float32), "rgb": prediction.rgb_map.astype(np.float32)},
         score=prediction.score,
         percentile=prediction.percentile,
-        image_threshold=detector.calibration.image_threshold,
-        pixel_threshold=detector.calibration.pixel_threshold,
+        image_threshold=prediction.image_threshold,
+        mask_threshold=prediction.mask_threshold,
         steps=steps,
         known_mask=known_mask,
     )
@@ -100,7 +93,7 @@ def map_picture(analysis: Analysis, map_label: str, mask_threshold: float) -> np
         raise DataError(f"unknown map {map_label!r}; choose from {', '.join(MAP_CHOICES)}")
     amap = analysis.maps[key]
     if key == "anomaly":
-        return anomaly_picture(analysis.image, amap, analysis.pixel_threshold, mask_threshold, analysis.known_mask)
+        return anomaly_picture(analysis.image, amap, analysis.mask_threshold, mask_threshold, analysis.known_mask)
     # The other maps have their own units: show them between their median and 99.9th percentile.
     picture = overlay(analysis.image, amap, float(np.median(amap)), float(np.quantile(amap, 0.999)))
     if analysis.known_mask is not None:
@@ -109,7 +102,7 @@ def map_picture(analysis: Analysis, map_label: str, mask_threshold: float) -> np
 
 
 def verdict_markdown(analysis: Analysis, image_threshold: float, mask_threshold: float) -> str:
-    anomalous = analysis.score > image_threshold
+    anomalous = verdict(analysis.score, image_threshold) == "anomalous"
     area = float(np.mean(analysis.maps["anomaly"] > mask_threshold)) * 100
     icon = "🔴 **Anomalous**" if anomalous else "🟢 **Normal**"
     return (

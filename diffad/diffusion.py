@@ -85,11 +85,9 @@ class GaussianDiffusion:
         frac = (v + 1) / 2
         return frac * max_log + (1 - frac) * min_log
 
-    def p_mean_variance(self, xt: torch.Tensor, t, eps: torch.Tensor, v: torch.Tensor, clip_x0: bool = False):
+    def p_mean_variance(self, xt: torch.Tensor, t, eps: torch.Tensor, v: torch.Tensor):
         """Mean, log-variance and x0-estimate of p(x_{t-1} | x_t) from the network's (eps, v) outputs."""
         x0_hat = self.predict_x0(xt, t, eps)
-        if clip_x0:
-            x0_hat = x0_hat.clamp(-1, 1)
         mean, _ = self.q_posterior(x0_hat, xt, t)
         return mean, self.model_log_variance(t, v), x0_hat
 

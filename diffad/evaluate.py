@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -12,13 +13,22 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .data import DataError, load_mask, read_image, list_test_samples, to_tensor, to_uint8
+from .calibration import Calibration
 from .detector import AnomalyDetector
 from .metrics import evaluate_maps
+from .postprocess import combine, normalise
 from .scoring import ScoringConfig
 from .visualize import anomaly_picture
 
 log = logging.getLogger(__name__)
 METRIC_NAMES = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max")
+
+
+class Variant(NamedTuple):
+    """One way of scoring the same raw maps (an ablation, a pooling choice)."""
+
+    scoring: ScoringConfig
+    calibration: Calibration
 
 
 @dataclass
@@ -33,13 +43,13 @@ class ScoredSet:
     paths: list[Path]
 
 
-def score_test_set(detector: AnomalyDetector, root, variants: dict[str, ScoringConfig] | None = None,
+def score_test_set(detector: AnomalyDetector, root, variants: dict[str, Variant] | None = None,
                    batch_size: int = 8, progress: bool = True, limit: int | None = None) -> dict[str, ScoredSet]:
     """Score every test image once at the union of the variants' timesteps and combine per variant."""
-    variants = variants or {"default": detector.scoring}
+    variants = variants or {"default": Variant(detector.scoring, detector.calibration)}
     samples = list_test_samples(root)[:limit] if limit else list_test_samples(root)
-    timesteps = sorted({t for v in variants.values() for t in v.timesteps})
-    pools = sorted({k for v in variants.values() for k in v.feature_pool})
+    timesteps = sorted({t for v in variants.values() for t in v.scoring.timesteps})
+    pools = sorted({k for v in variants.values() for k in v.calibration.feature_pool})
     res = detector.resolution
     maps = {name: [] for name in variants}
     scores = {name: [] for name in variants}
@@ -58,9 +68,9 @@ def score_test_set(detector: AnomalyDetector, root, variants: dict[str, ScoringC
         if not batch:
             continue
         masks += batch_masks
-        for steps in detector.raw_steps(torch.stack(batch), timesteps, feature_pool=pools):
-            for name, config in variants.items():
-                combined = detector.combine(steps, config)
+        raw = detector.raw_maps(torch.stack(batch), timesteps, pools, keep_images=False, batch_size=batch_size)
+        for name, (scoring, calibration) in variants.items():
+            for combined in combine(normalise(raw, calibration, scoring), calibration, scoring):
                 maps[name].append(combined.anomaly.astype(np.float16))
                 scores[name].append(combined.score)
     if not kept:
@@ -102,6 +112,10 @@ def markdown_table(metrics: dict, title: str = "") -> str:
     for subset, values in metrics.items():
         cells = " | ".join("n/a" if np.isnan(values[m]) else f"{values[m]:.3f}" for m in METRIC_NAMES)
         lines.append(f"| {subset} | {cells} | {values['images']} |")
+    point = metrics.get("overall", {}).get("operating_point")
+    if point:
+        lines += ["", f"At the checkpoint's verdict threshold ({point['threshold']:.2f}): recall {point['recall']:.3f} "
+                      f"(defective images flagged), false-positive rate {point['false_positive_rate']:.3f} (good images flagged)."]
     return "\n".join(lines) + "\n"
 
 
@@ -109,19 +123,47 @@ def save_overlays(detector: AnomalyDetector, scored: ScoredSet, folder: Path) ->
     folder.mkdir(parents=True, exist_ok=True)
     for path, defect, amap, mask in zip(scored.paths, scored.defects, scored.maps, scored.masks):
         image = to_uint8(to_tensor(read_image(path), detector.resolution))
-        picture = anomaly_picture(image, amap.astype(np.float32), detector.calibration.pixel_threshold, known_mask=mask)
+        picture = anomaly_picture(image, amap.astype(np.float32), detector.calibration.mask_threshold, known_mask=mask)
         Image.fromarray(picture).save(folder / f"{defect}_{path.stem}.png")
 
 
-def evaluate(detector: AnomalyDetector, root, out=None, save_maps: bool = False, progress: bool = True) -> dict:
-    """Evaluate on `root/test`; with `out`, write metrics.json, metrics.md and (optionally) overlays there."""
-    scored = score_test_set(detector, root, progress=progress)["default"]
+# Which maps make the anomaly map: the method's combination, or one of its parts alone (the ablation rows).
+MAP_KINDS = ("combined", "kl", "feature", "rgb")
+
+
+def scoring_for_map(scoring: ScoringConfig, kind: str) -> ScoringConfig:
+    """The checkpoint's scoring with only `kind`'s maps contributing (z-normalised and summed over timesteps)."""
+    if kind == "combined":
+        return scoring
+    if kind == "feature":
+        return replace(scoring, alpha=0.0)
+    if kind in ("kl", "rgb"):
+        return replace(scoring, alpha=1.0, pixel_map=kind)
+    raise ValueError(f"unknown map {kind!r} (use one of {', '.join(MAP_KINDS)})")
+
+
+def operating_point(scored: ScoredSet, threshold: float) -> dict:
+    """What the verdict does at `threshold`: defective test images flagged, and good test images flagged."""
+    flagged = scored.scores > threshold
+    return {"threshold": threshold, "recall": float(flagged[scored.labels].mean()),
+            "false_positive_rate": float(flagged[~scored.labels].mean())}
+
+
+def evaluate(detector: AnomalyDetector, root, out=None, save_maps: bool = False, progress: bool = True,
+             map_kind: str = "combined") -> dict:
+    """Evaluate on `root/test`; with `out`, write metrics.json, metrics.md and (optionally) overlays there.
+
+    `map_kind` scores with one part of the map only. The checkpoint's verdict threshold belongs to the combined
+    score, so only that map reports the operating point (recall and false-positive rate at the threshold)."""
+    scored = score_test_set(detector, root, {map_kind: scoring_for_map(detector.scoring, map_kind)}, progress=progress)[map_kind]
     metrics = metrics_for(scored)
+    if map_kind == "combined":
+        metrics["overall"]["operating_point"] = operating_point(scored, detector.calibration.image_threshold)
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        (out / "metrics.md").write_text(markdown_table(metrics, f"{detector.category} ({Path(root)})"))
+        (out / "metrics.md").write_text(markdown_table(metrics, f"{detector.category}, {map_kind} map ({Path(root)})"))
         if save_maps:
             save_overlays(detector, scored, out / "maps")
     return metrics

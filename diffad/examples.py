@@ -27,7 +27,7 @@ from .synth import add_defect
 DEFAULT_DEFECTS = ("scratch", "hole", "stain", "crack", "particle", "colour_spot")
 POLISH_LOOPS = 16
 # A pixel whose value ranges over less than this (images in [-1, 1], any channel) across all training images is
-# background that is the same in every one (bottle: 32% of the picture; magnetic_tile: none).
+# background that is the same in every one (a studio backdrop, like bottle's white; textures have none).
 CONSTANT_RANGE = 0.02
 
 

@@ -12,8 +12,8 @@ import re
 import shlex
 from pathlib import Path
 
+from .calibration import IMAGE_THRESHOLD_QUANTILE
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, list_local_categories, read_config
-from .detector import IMAGE_THRESHOLD_QUANTILE
 
 PAPER_TITLE = "Removing Anomalies as Noises for Industrial Defect Localization"
 PAPER_URL = ("https://openaccess.thecvf.com/content/ICCV2023/html/"

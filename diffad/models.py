@@ -16,8 +16,8 @@ class NetConfig:
     # Space-to-depth factor: a 256-px image runs the UNet at 64 px with 3*4*4 channels (CPU-friendly).
     patch: int = 4
     # The first level must be wider than its 3*patch^2 input values: the output conv sees them only through
-    # GroupNorm + SiLU, and 48 channels cannot carry 48 signed noise values. Bottle, 3000 steps, eps-MSE at
-    # t = 400: 0.165 with (48, 96, 192), 0.038 with 96 first-level channels, for 1.4x the time per step.
+    # GroupNorm + SiLU, and 48 channels cannot carry 48 signed noise values (benchmarks/results.md has the
+    # comparison).
     block_out_channels: tuple[int, ...] = (96, 96, 192)
     layers_per_block: int = 1
     attention_lowest: bool = True

@@ -21,87 +21,30 @@ import torch
 
 from .data import to_uint8
 from .detector import AnomalyDetector
+from .gaussian import FeatureGaussian
 
-GAUSSIAN_KEYS = ("gaussian_mean", "gaussian_precision", "gaussian_dims")
-# Added to every covariance so that it stays invertible (PaDiM's choice).
-COVARIANCE_EPS = 0.01
 # The normalised energy gradient is clipped to this many standard deviations.
 GRADIENT_CLIP = 3.0
-# The Gaussian is also fitted on copies of the training images with this much pixel noise (std, images in [-1, 1]).
-# The morph's iterates are normal images plus up to N_d * s^2 of noise (std 0.045 by default). Fitted on clean
-# images only, the backbone reacts so strongly to noise that a normal image with std-0.02 noise has 20-40 times
-# the energy of a defective one: the gradient then chases the noise the morph itself adds, and the energy rises.
-FIT_NOISE_LEVELS = (0.01, 0.02, 0.045)
-
-
-@dataclass
-class FeatureGaussian:
-    """Per-position mean and precision (inverse covariance) of a random subset of backbone feature channels."""
-
-    mean: torch.Tensor  # (P, d)
-    precision: torch.Tensor  # (P, d, d)
-    dims: torch.Tensor  # (d,) channel indices into the backbone features
-
-    @staticmethod
-    def random_dims(channels: int, dims: int = 64, seed: int = 0) -> torch.Tensor:
-        return torch.randperm(channels, generator=torch.Generator().manual_seed(seed))[: min(dims, channels)].sort().values
-
-    @classmethod
-    def fit(cls, features: torch.Tensor, dims: int = 64, seed: int = 0) -> "FeatureGaussian":
-        """`features`: (N, C, g, g) backbone features of normal images."""
-        chosen = cls.random_dims(features.shape[1], dims, seed)
-        return cls.fit_selected(features[:, chosen], chosen)
-
-    @classmethod
-    def fit_selected(cls, features: torch.Tensor, chosen: torch.Tensor) -> "FeatureGaussian":
-        """`features`: (N, d, g, g), already restricted to the channels `chosen`."""
-        n, d, gh, gw = features.shape
-        if n < 2:
-            raise ValueError("fitting the feature Gaussian needs at least 2 normal images")
-        x = features.float().permute(2, 3, 0, 1).reshape(gh * gw, n, d)  # (P, N, d)
-        mean = x.mean(dim=1)
-        centred = x - mean[:, None]
-        covariance = centred.transpose(1, 2) @ centred / (n - 1) + COVARIANCE_EPS * torch.eye(d)
-        return cls(mean, torch.linalg.inv(covariance), chosen)
-
-    def to_tensors(self) -> dict[str, torch.Tensor]:
-        # fp16 keeps a 32x32 grid of 64x64 precisions near 8 MB; eigenvalues are bounded by 1/COVARIANCE_EPS.
-        return {"gaussian_mean": self.mean.half(), "gaussian_precision": self.precision.half(), "gaussian_dims": self.dims}
-
-    @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "FeatureGaussian":
-        missing = [k for k in GAUSSIAN_KEYS if k not in tensors]
-        if missing:
-            raise ValueError("this checkpoint has no feature Gaussian for the morph (run `diffad calibrate`)")
-        mean, precision, dims = tensors["gaussian_mean"], tensors["gaussian_precision"], tensors["gaussian_dims"]
-        p, d = mean.shape if mean.dim() == 2 else (0, 0)
-        if not d or precision.shape != (p, d, d) or dims.shape != (d,) or not torch.isfinite(precision.float()).all():
-            raise ValueError("the checkpoint's feature Gaussian has inconsistent shapes or values")
-        return cls(mean.float(), precision.float(), dims.long())
-
-    def energy(self, features: torch.Tensor) -> torch.Tensor:
-        """Per-image energy: (B, C, g, g) features -> (B,) summed squared Mahalanobis distances."""
-        b, _, gh, gw = features.shape
-        f = features[:, self.dims.to(features.device)].permute(0, 2, 3, 1).reshape(b, gh * gw, -1)
-        delta = f - self.mean.to(features.device)
-        return torch.einsum("bpi,pij,bpj->b", delta, self.precision.to(features.device), delta)
 
 
 @dataclass
 class MorphConfig:
     step_size: float = 0.02  # s: each gradient step is a diffusion step of variance s^2
     denoise_every: int = 5  # N_d
-    # Most bottle defects end normal within 2-6 loops; large contaminations need 8-16 or more (stopping is early).
+    # Small defects end normal within a few loops, large ones need many (stopping is early).
     max_loops: int = 16
     # Denoising timestep; None matches the noise added by N_d steps of size s.
     timestep: int | None = None
-    stop_below_threshold: bool = True
+    # When to stop: "typical" once the score is no higher than the median held-out normal image's (a part that
+    # merely dips under the verdict threshold can still show its defect); "threshold" once the verdict is normal;
+    # "never": run all loops.
+    stop_at: str = "typical"
     seed: int = 0
     # 0 is the paper's morph: every pixel is updated. Above 0, each update is weighted by the current anomaly map over
     # the mask threshold, clipped to [0, 1], to this power: pixels the model finds normal are never touched, so the
     # denoiser only has to remove the noise added where the defect is (far more morphs end normal, and sharper).
-    # The square keeps weights low in the map's fringe around a defect, where noise added piles up again (bottle:
-    # 7 of 9 defects end normal with 2, 3 of 9 with 1).
+    # The square keeps weights low in the map's fringe around a defect, where noise added piles up again
+    # (benchmarks/results.md compares the settings).
     focus: float = 2.0
 
     def validate(self, num_timesteps: int) -> None:
@@ -115,6 +58,8 @@ class MorphConfig:
             raise ValueError(f"focus must be between 0 and 10, got {self.focus}")
         if not 0 <= int(self.seed) < 2**32:
             raise ValueError(f"seed must be in [0, 2^32), got {self.seed}")
+        if self.stop_at not in STOP_RULES:
+            raise ValueError(f"stop_at must be one of {', '.join(STOP_RULES)}, got {self.stop_at!r}")
         if self.timestep is not None and not 0 <= int(self.timestep) < num_timesteps:
             raise ValueError(f"timestep must be in [0, {num_timesteps - 1}], got {self.timestep}")
 
@@ -127,26 +72,25 @@ class MorphFrame:
     anomaly_map: np.ndarray
     score: float
     energy: float
-    is_normal: bool
+    is_normal: bool  # the verdict: score at or under the verdict threshold
+    is_typical: bool  # score at or under the median held-out normal image's
 
     def rgb(self) -> np.ndarray:
         return to_uint8(self.image)
 
 
-@torch.no_grad()
-def fit_feature_gaussian(backbone, images: torch.Tensor, features: torch.Tensor, dims: int = 64, seed: int = 0,
-                         batch_size: int = 16) -> FeatureGaussian:
-    """The morph's Gaussian from `features` (N, C, g, g) of normal images and noisy copies of `images` (M, 3, R, R)."""
-    chosen = FeatureGaussian.random_dims(features.shape[1], dims, seed)
-    device = next(backbone.parameters()).device
-    generator = torch.Generator().manual_seed(seed)
-    parts = [features[:, chosen].half()]
-    for level in FIT_NOISE_LEVELS:
-        for start in range(0, len(images), batch_size):
-            batch = images[start : start + batch_size]
-            noisy = (batch + level * torch.randn(batch.shape, generator=generator)).clamp(-1, 1)
-            parts.append(backbone(noisy.to(device))[:, chosen.to(device)].half().cpu())
-    return FeatureGaussian.fit_selected(torch.cat(parts), chosen)
+STOP_RULES = ("typical", "threshold", "never")
+
+
+def typical_normal_score(detector: AnomalyDetector) -> float:
+    """The median score of the category's held-out normal images."""
+    return float(np.median(detector.calibration.normal_scores))
+
+
+def stop_score(detector: AnomalyDetector, rule: str) -> float:
+    """The score a morph must reach to stop under `rule`."""
+    return {"typical": typical_normal_score(detector), "threshold": detector.calibration.image_threshold,
+            "never": -math.inf}[rule]
 
 
 def matching_timestep(detector: AnomalyDetector, step_size: float, steps: int) -> int:
@@ -157,9 +101,9 @@ def matching_timestep(detector: AnomalyDetector, step_size: float, steps: int) -
 
 
 def feature_gaussian(detector: AnomalyDetector) -> FeatureGaussian:
-    if "gaussian" not in detector.cache:
-        detector.cache["gaussian"] = FeatureGaussian.from_tensors(detector.extra_tensors)
-    return detector.cache["gaussian"]
+    if detector.calibration.gaussian is None:
+        raise ValueError("this checkpoint has no feature Gaussian for the morph (run `diffad calibrate`)")
+    return detector.calibration.gaussian
 
 
 def energy_gradient(detector: AnomalyDetector, gaussian: FeatureGaussian, x: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -173,7 +117,7 @@ def focus_weight(detector: AnomalyDetector, anomaly_map: np.ndarray, focus: floa
     """(1, R, R) update weights from an anomaly map, or None when focus is off."""
     if not focus:
         return None
-    ratio = np.clip(anomaly_map / max(detector.calibration.pixel_threshold, 1e-6), 0.0, 1.0) ** focus
+    ratio = np.clip(anomaly_map / max(detector.calibration.mask_threshold, 1e-6), 0.0, 1.0) ** focus
     return torch.from_numpy(ratio).float()[None].to(detector.device)
 
 
@@ -182,7 +126,7 @@ def blend(x: torch.Tensor, updated: torch.Tensor, weight: torch.Tensor | None) -
 
 
 def morph(detector: AnomalyDetector, image, config: MorphConfig | None = None) -> Iterator[MorphFrame]:
-    """Yield frames from the input (step 0) to a normal-looking image; stops early once the score is normal."""
+    """Yield frames from the input (step 0) to a normal-looking image; stops once the score meets `config.stop_at`."""
     config = config or MorphConfig()
     config.validate(detector.diffusion.num_timesteps)
     gaussian = feature_gaussian(detector)
@@ -191,10 +135,13 @@ def morph(detector: AnomalyDetector, image, config: MorphConfig | None = None) -
     x = detector.preprocess(image).to(detector.device)
     shrink = math.sqrt(1.0 - config.step_size**2)
 
+    typical = typical_normal_score(detector)
+    target = stop_score(detector, config.stop_at)
+
     def frame(step: int, loop: int, energy: float) -> MorphFrame:
         prediction = detector.predict(x.cpu(), seed=config.seed)
         return MorphFrame(step, loop, x.detach().cpu().clone(), prediction.anomaly_map, prediction.score, energy,
-                          not prediction.is_anomalous)
+                          not prediction.is_anomalous, prediction.score <= typical)
 
     with torch.no_grad():
         energy0 = float(gaussian.energy(detector.backbone(x[None]))[0])
@@ -202,7 +149,7 @@ def morph(detector: AnomalyDetector, image, config: MorphConfig | None = None) -
     yield current
     step = 0
     for loop in range(1, int(config.max_loops) + 1):
-        if config.stop_below_threshold and current.is_normal:
+        if current.score <= target:
             return
         weight = focus_weight(detector, current.anomaly_map, config.focus)
         for _ in range(int(config.denoise_every)):
@@ -214,8 +161,7 @@ def morph(detector: AnomalyDetector, image, config: MorphConfig | None = None) -
             step += 1
         with torch.no_grad():
             # Denoise: the deterministic (DDIM) step from t to 0 with the model's noise estimate.
-            eps = detector.net(x[None], t_batch).eps
-            x = blend(x, detector.diffusion.predict_x0(x[None], t_batch, eps)[0].clamp(-1, 1), weight)
+            x = blend(x, detector.net(x[None], t_batch).x0[0].clamp(-1, 1), weight)
             energy = float(gaussian.energy(detector.backbone(x[None]))[0])
         current = frame(step, loop, energy)
         yield current

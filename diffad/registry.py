@@ -30,7 +30,8 @@ class CheckpointRegistry:
         # Set once the Hub could not be listed: loads then read its local cache only instead of waiting on the network.
         self.hub_offline = False
         self._loaded: OrderedDict[str, tuple[AnomalyDetector, str]] = OrderedDict()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _loaded and _loading, never held during a load
+        self._loading: dict[str, threading.Lock] = {}
         self._hub_categories: list[str] | None = None
         self.hub_note = ""
         # A GPU is used automatically when there is one (a GPU Space, a workstation).
@@ -94,16 +95,24 @@ class CheckpointRegistry:
         return sorted(set(self.hub_categories()) | set(list_local_categories(self.local_root)))
 
     def get(self, category: str) -> tuple[AnomalyDetector, str]:
-        """(detector, where it came from). Raises CheckpointError for unknown or broken categories."""
+        """(detector, where it came from). Raises CheckpointError for unknown or broken categories.
+
+        One lock per category while it loads: a slow Hub download blocks only requests for that category."""
         validate_category(category)
         with self._lock:
             if category in self._loaded:
                 self._loaded.move_to_end(category)
                 return self._loaded[category]
+            loading = self._loading.setdefault(category, threading.Lock())
+        with loading:
+            with self._lock:
+                if category in self._loaded:  # loaded by another request while this one waited
+                    return self._loaded[category]
             loaded = self._load(category)
-            self._loaded[category] = loaded
-            while len(self._loaded) > self.max_loaded:
-                self._loaded.popitem(last=False)
+            with self._lock:
+                self._loaded[category] = loaded
+                while len(self._loaded) > self.max_loaded:
+                    self._loaded.popitem(last=False)
             return loaded
 
     def _load(self, category: str) -> tuple[AnomalyDetector, str]:

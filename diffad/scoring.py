@@ -1,7 +1,11 @@
-"""Anomaly maps from a trained denoiser: per-timestep KL, feature error and RGB error, and their combination."""
+"""Raw anomaly maps from a trained denoiser: per-timestep KL, feature error and RGB error, as tensors.
+
+This is the model side of scoring: images in, raw maps per timestep out, nothing calibrated yet. What the maps
+mean relative to normal images is `calibration.py`; turning them into a score and a verdict is `postprocess.py`.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -11,50 +15,54 @@ from .diffusion import GaussianDiffusion
 from .models import DiffADNet
 
 NORMALISATIONS = ("calibrated", "per_image")
+PIXEL_KINDS = ("kl", "rgb")
 
 
-@dataclass
+def strict_kwargs(cls, values: dict, what: str) -> dict:
+    """`values` as keyword arguments of the dataclass `cls`; an unknown key is an error that names it."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown {what} setting(s) {', '.join(map(repr, unknown))} (known: {', '.join(sorted(known))})")
+    return dict(values)
+
+
+@dataclass(frozen=True)
 class ScoringConfig:
+    """How raw maps become a score: which timesteps, which maps, how they are weighed and normalised.
+
+    What is measured on normal images (statistics, thresholds, smoothing, feature pooling) is the `Calibration`.
+    """
+
     timesteps: tuple[int, ...] = (20, 200, 400)
     # Weight of the pixel (KL or RGB) map against the feature map.
     alpha: float = 0.5
     # "kl" is the method; "rgb" (|x0_hat - x0|) is the baseline the paper ablates against.
-    pixel_map: str = "kl"
+    pixel_kind: str = "kl"
     # Mean of the top-k map values is the image score; k is for 256 px and scales with area.
     top_k: int = 64
-    smoothing_sigma: float = 0.0
-    # Centre each pixel on the held-out normal images' mean at that position (when the checkpoint has those maps)
+    # Centre each pixel on the held-out normal images' mean at that position (when the calibration has those maps)
     # rather than on one mean per timestep.
     centre_by_position: bool = True
     # "calibrated": z-normalise each timestep's map with held-out normal images' statistics. "per_image": by the map's
-    # own mean and std, as the paper's code does; an image's z-map no longer says how far it is from normal images
-    # (bottle image AUROC 0.86 instead of 0.99), so it is kept for the ablation only.
+    # own mean and std, as the paper's code does; an image's z-map then no longer says how far it is from normal
+    # images, so it is kept for the ablation only (benchmarks/results.md).
     normalisation: str = "calibrated"
-    # Average the feature residual over k x k neighbourhoods of the feature grid (odd k; 1 = off) before squaring.
-    # Texture the head cannot predict leaves a residual that cancels out over a neighbourhood; a defect shifts the
-    # features coherently and stays. Several sizes make a multi-scale map: each size's map is z-normalised on its
-    # own and they are averaged, so small defects keep the sharp k = 1 map and wide, faint ones (magnetic_tile
-    # "uneven") gain the 9 x 9 one. Large k alone blurs small defects (bottle AUPRO 0.96 -> 0.85 at k = 9,
-    # benchmarks/results.md). The maps must be calibrated with these sizes (`diffad calibrate --feature-pool 1,3,9`).
-    feature_pool: tuple[int, ...] = (1,)
     seed: int = 0
 
     def __post_init__(self):
         if self.normalisation not in NORMALISATIONS:
             raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {self.normalisation!r}")
-        if self.pixel_map not in ("kl", "rgb"):
-            raise ValueError(f"pixel_map must be 'kl' or 'rgb', got {self.pixel_map!r}")
-        self.feature_pool = pool_sizes(self.feature_pool)
+        if self.pixel_kind not in PIXEL_KINDS:
+            raise ValueError(f"pixel_kind must be one of {PIXEL_KINDS}, got {self.pixel_kind!r}")
+        object.__setattr__(self, "timesteps", tuple(int(t) for t in self.timesteps))
 
     @classmethod
     def from_dict(cls, values: dict) -> "ScoringConfig":
-        known = {k: v for k, v in values.items() if k in cls.__dataclass_fields__}
-        if "timesteps" in known:
-            known["timesteps"] = tuple(int(t) for t in known["timesteps"])
-        return cls(**known)
+        return cls(**strict_kwargs(cls, values, "scoring"))
 
     def to_dict(self) -> dict:
-        return {**self.__dict__, "timesteps": list(self.timesteps), "feature_pool": list(self.feature_pool)}
+        return {f.name: getattr(self, f.name) for f in fields(self)} | {"timesteps": list(self.timesteps)}
 
 
 def pool_sizes(value) -> tuple[int, ...]:
@@ -70,40 +78,38 @@ def pool_sizes(value) -> tuple[int, ...]:
     return tuple(sorted(set(sizes)))
 
 
-def feature_kind(pool: int) -> str:
-    """Name of the feature map pooled over pool x pool cells, in calibration statistics and position means."""
-    return "feature" if pool == 1 else f"feature@{pool}"
+@dataclass(frozen=True)
+class RawMaps:
+    """Raw maps of a batch of B images at T timesteps, on the device the model ran on."""
 
+    timesteps: tuple[int, ...]
+    kl: torch.Tensor  # (B, T, R, R) bits
+    rgb: torch.Tensor  # (B, T, R, R) |x0_hat - x0| averaged over channels
+    # Pool size -> (B, T, R, R) squared error of the normalised features, averaged over pool x pool feature cells
+    # before squaring (1 = unpooled), upsampled to the image.
+    features: dict[int, torch.Tensor]
+    xt: torch.Tensor | None = None  # (B, T, 3, R, R) the noised inputs, when asked for
+    x0_hat: torch.Tensor | None = None  # (B, T, 3, R, R) the model's clean estimates, when asked for
 
-def map_kinds(pools) -> tuple[str, ...]:
-    """Every raw map a step holds for these pooling sizes, in the order position means are stored."""
-    return ("kl", *(feature_kind(k) for k in pools), "rgb")
+    def __len__(self) -> int:
+        return self.kl.shape[0]
 
+    def index(self, t: int) -> int:
+        return self.timesteps.index(t)
 
-@dataclass
-class StepMaps:
-    """Everything seen at one timestep, for one image."""
+    @classmethod
+    def cat(cls, parts: list["RawMaps"]) -> "RawMaps":
+        """One RawMaps from batches of the same timesteps."""
+        def joined(name):
+            values = [getattr(p, name) for p in parts]
+            return None if values[0] is None else torch.cat(values)
 
-    t: int
-    xt: torch.Tensor  # (3, R, R) noised input
-    x0_hat: torch.Tensor  # (3, R, R) the model's clean estimate
-    kl: np.ndarray  # (R, R) bits
-    features: dict[int, np.ndarray]  # pool size -> (R, R) squared error of normalised features, upsampled
-    rgb: np.ndarray  # (R, R) |x0_hat - x0| averaged over channels
-
-    @property
-    def feature(self) -> np.ndarray:
-        """The finest feature-error map (unpooled unless only pooled sizes were asked for)."""
-        return self.features[min(self.features)]
-
-    def map(self, kind: str) -> np.ndarray:
-        if kind.startswith("feature"):
-            return self.features[int(kind.partition("@")[2] or 1)]
-        return getattr(self, kind)
+        return cls(parts[0].timesteps, joined("kl"), joined("rgb"),
+                   {k: torch.cat([p.features[k] for p in parts]) for k in parts[0].features}, joined("xt"), joined("x0_hat"))
 
 
 @torch.no_grad()
-def step_maps(
+def raw_maps(
     net: DiffADNet,
     diffusion: GaussianDiffusion,
     x0: torch.Tensor,
@@ -111,78 +117,36 @@ def step_maps(
     timesteps,
     noise: torch.Tensor,
     feature_pool=(1,),
-) -> list[list[StepMaps]]:
+    keep_images: bool = True,
+) -> RawMaps:
     """Raw maps for a batch of images (B, 3, R, R) at each timestep; one forward pass per timestep.
 
     `target_features` are the normalised backbone features of x0; `noise` (B, 3, R, R) is shared by all timesteps
-    so that the maps of one image differ only by the noise level. `feature_pool`: see `ScoringConfig`.
+    so that the maps of one image differ only by the noise level. Pooling the feature residual over k x k cells
+    lets texture the head cannot predict cancel out while a defect, which shifts the features coherently, stays.
+    `keep_images`: also return x_t and x̂0 (for viewing; calibration does not need them).
     """
-    per_image: list[list[StepMaps]] = [[] for _ in range(x0.shape[0])]
     size = x0.shape[-2:]
+    pools = pool_sizes(feature_pool)
+    kls, rgbs, xts, x0_hats = [], [], [], []
+    features: dict[int, list[torch.Tensor]] = {k: [] for k in pools}
     for t in timesteps:
         t_batch = torch.full((x0.shape[0],), int(t), dtype=torch.long, device=x0.device)
         xt = diffusion.q_sample(x0, t_batch, noise)
         out = net(xt, t_batch)
-        kl = diffusion.kl_map(x0, xt, t_batch, out.eps, out.v)
+        kls.append(diffusion.kl_map(x0, xt, t_batch, out.eps, out.v))
         x0_hat = diffusion.predict_x0(xt, t_batch, out.eps).clamp(-1, 1)
-        rgb = (x0_hat - x0).abs().mean(dim=1)
+        rgbs.append((x0_hat - x0).abs().mean(dim=1))
+        if keep_images:
+            xts.append(xt)
+            x0_hats.append(x0_hat)
         residual = out.features - target_features
-        features = {}
-        for k in pool_sizes(feature_pool):
+        for k in pools:
             pooled = F.avg_pool2d(residual, k, stride=1, padding=k // 2, count_include_pad=False) if k > 1 else residual
-            feat = pooled.pow(2).mean(dim=1, keepdim=True)
-            features[k] = F.interpolate(feat, size=size, mode="bilinear", align_corners=False)[:, 0].cpu().numpy()
-        for i in range(x0.shape[0]):
-            per_image[i].append(StepMaps(int(t), xt[i].cpu(), x0_hat[i].cpu(), kl[i].cpu().numpy(),
-                                         {k: maps[i] for k, maps in features.items()}, rgb[i].cpu().numpy()))
-    return per_image
-
-
-def gaussian_smooth(amap: np.ndarray, sigma: float) -> np.ndarray:
-    if sigma <= 0:
-        return amap
-    from scipy.ndimage import gaussian_filter
-
-    return gaussian_filter(amap, sigma=sigma, mode="nearest")
-
-
-def top_k_mean(amap: np.ndarray, top_k: int) -> float:
-    k = max(1, round(top_k * amap.size / 256**2))
-    flat = amap.ravel()
-    return float(np.partition(flat, flat.size - k)[-k:].mean())
-
-
-@dataclass
-class CombinedMaps:
-    anomaly: np.ndarray  # the final map: sum over timesteps of alpha*pixel_z + (1-alpha)*feature_z
-    pixel: np.ndarray  # sum over timesteps of the z-normalised pixel (KL or RGB) maps
-    feature: np.ndarray  # sum over timesteps of the z-normalised feature maps (averaged over pooling sizes)
-    score: float
-
-
-def combine(steps: list[StepMaps], step_stats: dict, config: ScoringConfig, position_means: dict | None = None) -> CombinedMaps:
-    """z-normalise each timestep's maps by that step's statistics on normal images (or, with
-    `normalisation="per_image"`, by each map's own), then sum over timesteps.
-
-    With `position_means` (t -> kind -> (R, R) mean map of normal images), each pixel is centred on what normal
-    images show at that position instead of on one mean for the whole map: borders and other places where the
-    model is always a little off stop looking anomalous.
-    """
-    kinds = map_kinds(config.feature_pool)
-    sums = {kind: 0.0 for kind in kinds}
-    for step in steps:
-        stats = step_stats.get(str(step.t))
-        if stats is None:
-            raise ValueError(f"timestep {step.t} has no calibration statistics (calibrated: {sorted(step_stats, key=int)})")
-        centres = (position_means or {}).get(step.t, {}) if config.centre_by_position else {}
-        for kind in kinds:
-            raw = step.map(kind)
-            if config.normalisation == "per_image":
-                mean, std = float(raw.mean()), float(raw.std())
-            else:
-                mean, std = centres.get(kind, stats[kind][0]), stats[kind][1]
-            sums[kind] = sums[kind] + (raw - mean) / max(std, 1e-12)
-    pixel = sums[config.pixel_map]
-    feature = sum(sums[feature_kind(k)] for k in config.feature_pool) / len(config.feature_pool)
-    anomaly = gaussian_smooth(config.alpha * pixel + (1 - config.alpha) * feature, config.smoothing_sigma)
-    return CombinedMaps(anomaly, pixel, feature, top_k_mean(anomaly, config.top_k))
+            squared = pooled.pow(2).mean(dim=1, keepdim=True)
+            features[k].append(F.interpolate(squared, size=size, mode="bilinear", align_corners=False)[:, 0])
+    return RawMaps(
+        tuple(int(t) for t in timesteps), torch.stack(kls, 1), torch.stack(rgbs, 1),
+        {k: torch.stack(maps, 1) for k, maps in features.items()},
+        torch.stack(xts, 1) if keep_images else None, torch.stack(x0_hats, 1) if keep_images else None,
+    )

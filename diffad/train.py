@@ -5,7 +5,7 @@ import copy
 import csv
 import logging
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -13,18 +13,17 @@ import torch
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
+from .calibration import calibrate
 from .checkpoint import load_checkpoint, save_checkpoint, validate_category
 from .data import DataError, list_images, load_images, train_folder
 from .detector import AnomalyDetector, shared_backbone
 from .diffusion import GaussianDiffusion
+from .gaussian import fit_feature_gaussian
 from .models import DiffADNet, NetConfig
-from .morph import fit_feature_gaussian
-from .scoring import ScoringConfig
+from .scoring import ScoringConfig, pool_sizes, strict_kwargs
 
 log = logging.getLogger(__name__)
 STATE_NAME = "train_state.pt"
-# Timesteps whose map statistics are stored, so that other timestep sets can be scored (ablations, the app).
-CALIBRATED_TIMESTEPS = (5, 10, 20, 50, 100, 150, 200, 250, 300, 350, 400, 500)
 
 
 @dataclass
@@ -57,6 +56,24 @@ class TrainConfig:
     time_limit: float | None = None
     net: dict = field(default_factory=dict)
     scoring: dict = field(default_factory=dict)
+    # Feature-residual pooling sizes the maps are made and calibrated with (odd; 1 = off; see scoring.raw_maps).
+    feature_pool: tuple[int, ...] = (1,)
+
+    def __post_init__(self):
+        self.feature_pool = pool_sizes(self.feature_pool)
+        NetConfig.from_dict(self.net)  # unknown settings are an error now, not after the feature caching
+        ScoringConfig.from_dict(self.scoring)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        return cls(**strict_kwargs(cls, values, "training"))
+
+
+# What a checkpoint's "training" record holds besides the TrainConfig it was trained with.
+RUN_RECORD_KEYS = ("steps_done", "seconds", "device", "train_images", "holdout_images", "skipped_files", "torch")
+
+
+AUGMENTATIONS = ("none", "flip", "dihedral")
 
 
 def _augmentations(kind: str) -> list[tuple[int, bool]]:
@@ -120,6 +137,13 @@ def _init_from(net: DiffADNet, source: DiffADNet, name: str) -> None:
     except RuntimeError as exc:
         raise DataError(f"--init-from {name}: its network does not fit this run's layout (--net "
                         f"overrides or another backbone): {str(exc).splitlines()[0]}") from exc
+    if source.config.prediction != net.config.prediction:
+        # The first output half meant something else (at small t a noise estimate is about minus the Wiener
+        # residual): start it at zero, so that the run starts from the parameterisation's fixed part.
+        half = net.unet.conv_out.out_channels // 2
+        with torch.no_grad():
+            net.unet.conv_out.weight[:half].zero_()
+            net.unet.conv_out.bias[:half].zero_()
 
 
 def train(config: TrainConfig, progress: bool = True) -> Path:
@@ -134,7 +158,7 @@ def train(config: TrainConfig, progress: bool = True) -> Path:
     train_images, holdout = images[train_idx], images[hold_idx]
     log.info("%d training, %d held-out images from %s (%d unreadable skipped)", len(train_idx), len(hold_idx), folder, len(skipped))
 
-    backbone = shared_backbone().to(device)
+    backbone = shared_backbone(device=device)
     source = load_checkpoint(config.init_from).net if config.init_from else None
     layout = {**(source.config.to_dict() if source else {}), **config.net}
     net_config = NetConfig.from_dict({**layout, "resolution": config.resolution, "feature_channels": backbone.channels})
@@ -244,15 +268,23 @@ def _write_checkpoint(net, ema, config, category, holdout, feature_mean, feature
         ema_net, category=category, scoring=ScoringConfig.from_dict(config.scoring), training=training,
         feature_mean=feature_mean, feature_std=feature_std,
     ).to(device)
-    detector.calibrate(holdout, CALIBRATED_TIMESTEPS)
-    save_checkpoint(detector, config.out, extra_tensors=gaussian.to_tensors())
+    detector.calibration = calibrate(detector, holdout, feature_pool=config.feature_pool, gaussian=gaussian)
+    save_checkpoint(detector, config.out)
     log.info("step %d: checkpoint written to %s (threshold %.3f)", step, config.out, detector.calibration.image_threshold)
+
+
+def training_config(detector: AnomalyDetector) -> TrainConfig:
+    """The TrainConfig a checkpoint was trained with (settings it predates take today's defaults). Its network and
+    scoring are the checkpoint's own, in the layout of its format version: not re-read from the record."""
+    record = {k: v for k, v in detector.training.items() if k not in RUN_RECORD_KEYS + ("net", "scoring")}
+    return TrainConfig.from_dict({"data": "", "out": "", **record})
 
 
 def checkpoint_split(detector: AnomalyDetector, data) -> tuple[torch.Tensor, torch.Tensor]:
     """The checkpoint's own training images and held-out calibration images in `data` (its seed and fraction)."""
+    settings = training_config(detector)
     images, _, _ = load_images(list_images(train_folder(data)), detector.resolution)
-    train_idx, hold_idx = split_holdout(len(images), detector.training.get("holdout_fraction", 0.15), detector.training.get("seed", 0))
+    train_idx, hold_idx = split_holdout(len(images), settings.holdout_fraction, settings.seed)
     return images[train_idx], images[hold_idx]
 
 
@@ -260,17 +292,15 @@ def recalibrate(checkpoint, data, feature_pool=None) -> AnomalyDetector:
     """Re-measure the calibration and refit the morph's feature Gaussian of an existing checkpoint, in place.
 
     Uses the same held-out split as training (same seed and fraction), so calibration never sees training images.
-    `feature_pool` (pooling sizes as `ScoringConfig` takes them, e.g. "1,3,9") replaces the checkpoint's before
-    measuring; a bad value is refused before anything is written.
+    `feature_pool` (pooling sizes, e.g. "1,3,9") replaces the checkpoint's; a bad value is refused before anything
+    is measured or written.
     """
     detector = load_checkpoint(checkpoint)
-    if feature_pool is not None:
-        detector.scoring = replace(detector.scoring, feature_pool=feature_pool)
-    settings = detector.training
+    pools = detector.calibration.feature_pool if feature_pool is None else pool_sizes(feature_pool)
+    settings = training_config(detector)
     train_images, holdout = checkpoint_split(detector, data)
-    features = augmented_features(detector.backbone, train_images, _augmentations(settings.get("augment", "flip")), detector.device)
-    gaussian = fit_feature_gaussian(detector.backbone, train_images, features.flatten(0, 1),
-                                    settings.get("gaussian_dims", 64), settings.get("seed", 0))
-    detector.calibrate(holdout, CALIBRATED_TIMESTEPS)
-    save_checkpoint(detector, checkpoint, extra_tensors=gaussian.to_tensors())
+    features = augmented_features(detector.backbone, train_images, _augmentations(settings.augment), detector.device)
+    gaussian = fit_feature_gaussian(detector.backbone, train_images, features.flatten(0, 1), settings.gaussian_dims, settings.seed)
+    detector.calibration = calibrate(detector, holdout, feature_pool=pools, gaussian=gaussian)
+    save_checkpoint(detector, checkpoint)
     return detector

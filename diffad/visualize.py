@@ -6,9 +6,9 @@ from matplotlib import colormaps
 from scipy import ndimage
 
 
-def display_range(pixel_threshold: float) -> tuple[float, float]:
+def display_range(mask_threshold: float) -> tuple[float, float]:
     """Colour scale for calibrated maps: 0 (normal on average) to twice the mask threshold."""
-    top = 2.0 * pixel_threshold if np.isfinite(pixel_threshold) and pixel_threshold > 0 else 10.0
+    top = 2.0 * mask_threshold if np.isfinite(mask_threshold) and mask_threshold > 0 else 10.0
     return 0.0, top
 
 
@@ -24,13 +24,14 @@ def overlay(image: np.ndarray, amap: np.ndarray, vmin: float, vmax: float, alpha
     return (image.astype(np.float32) * (1 - alpha) + colours * alpha).round().astype(np.uint8)
 
 
-def anomaly_picture(image: np.ndarray, amap: np.ndarray, pixel_threshold: float, mask_threshold: float | None = None,
+def anomaly_picture(image: np.ndarray, amap: np.ndarray, calibrated_threshold: float, mask_threshold: float | None = None,
                     known_mask: np.ndarray | None = None) -> np.ndarray:
-    """A calibrated anomaly map over the image: known defect outlined in white, predicted mask in green."""
-    picture = overlay(image, amap, *display_range(pixel_threshold))
+    """A calibrated anomaly map over the image: known defect outlined in white, predicted mask in green (at
+    `mask_threshold`, default the calibrated one)."""
+    picture = overlay(image, amap, *display_range(calibrated_threshold))
     if known_mask is not None:
         picture = outline(picture, known_mask, colour=(255, 255, 255))
-    threshold = pixel_threshold if mask_threshold is None else mask_threshold
+    threshold = calibrated_threshold if mask_threshold is None else mask_threshold
     if np.isfinite(threshold):
         picture = outline(picture, amap > threshold, colour=(0, 255, 0), width=2)
     return picture

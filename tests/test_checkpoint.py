@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from diffad import CheckpointError, load_checkpoint
 from diffad.checkpoint import list_local_categories
+
 from tests.conftest import copy_of, make_hub_cache
 
 
@@ -26,7 +27,7 @@ def test_round_trip_gives_identical_maps(tiny_checkpoint, tiny_dataset, tmp_path
     np.testing.assert_array_equal(a.anomaly_map, b.anomaly_map)
     assert a.score == b.score and [s.t for s in a.steps] == [5, 20, 200, 400]
     config = json.loads((tmp_path / "again" / "config.json").read_text())
-    assert config["format_version"] == 1 and config["calibration"]["normal_scores"]
+    assert config["format_version"] == 3 and config["calibration"]["normal_scores"]
     assert load_file(str(tmp_path / "again" / "model.safetensors"))["net.feature_head.0.weight"].dtype == torch.float16
 
 
@@ -184,35 +185,44 @@ def test_missing_hub_repo_or_category_is_named(tmp_path):
 
 
 def test_position_means_centre_each_pixel_on_normal_images(tiny_checkpoint, tiny_dataset):
+    from diffad.postprocess import combine, normalise
+    from diffad.scoring import RawMaps
+
     detector = load_checkpoint(tiny_checkpoint)
-    means = detector.position_means()
-    assert set(means) == {int(t) for t in detector.calibration.step_stats}
+    calibration, scoring = detector.calibration, detector.scoring
     image = detector.preprocess(sorted((tiny_dataset / "test" / "good").iterdir())[0])
-    steps = detector.raw_steps(image[None], detector.scoring.timesteps)[0]
-    # A map that equals the normal mean at every position is exactly typical: zero after centring.
-    for step in steps:
-        step.kl, step.rgb = means[step.t]["kl"].copy(), means[step.t]["rgb"].copy()
-        step.features[1] = means[step.t]["feature"].copy()
-    maps = detector.combine(steps)
-    assert np.abs(maps.anomaly).max() < 1e-5
+    raw = detector.raw_maps(image[None])
+    rows, size = calibration.rows(raw.timesteps), raw.kl.shape[-2:]
+    # Maps that equal the normal mean at every position are exactly typical: zero after centring.
+    typical = RawMaps(raw.timesteps, calibration.kl.centres(rows, size)[None], calibration.rgb.centres(rows, size)[None],
+                      {k: s.centres(rows, size)[None] for k, s in calibration.features.items()})
+    assert np.abs(combine(normalise(typical, calibration, scoring), calibration, scoring)[0].anomaly).max() < 1e-5
     # Centred on one mean per timestep instead, the same maps are far from zero.
-    per_map = dataclasses.replace(detector.scoring, centre_by_position=False)
-    assert np.abs(detector.combine(steps, per_map).anomaly).max() > 0.1
+    per_map = dataclasses.replace(scoring, centre_by_position=False)
+    assert np.abs(combine(normalise(typical, calibration, per_map), calibration, per_map)[0].anomaly).max() > 0.1
 
 
 def test_per_image_normalisation_ignores_calibration_scale_and_offset(tiny_checkpoint, tiny_dataset):
+    from diffad.postprocess import combine, normalise
+
     detector = load_checkpoint(tiny_checkpoint)
+    calibration = detector.calibration
     image = detector.preprocess(sorted((tiny_dataset / "test" / "good").iterdir())[0])
-    steps = detector.raw_steps(image[None], detector.scoring.timesteps)[0]
+    raw = detector.raw_maps(image[None])
     per_image = dataclasses.replace(detector.scoring, normalisation="per_image", alpha=1.0)
     calibrated = dataclasses.replace(detector.scoring, alpha=1.0)
-    before = detector.combine(steps, per_image).anomaly, detector.combine(steps, calibrated).anomaly
+
+    def anomaly(maps, scoring):
+        return combine(normalise(maps, calibration, scoring), calibration, scoring)[0].anomaly
+
+    before = anomaly(raw, per_image), anomaly(raw, calibrated)
     # Each timestep's map becomes mean 0, std 1 on its own, so the sum over timesteps has mean 0.
     assert abs(before[0].mean()) < 1e-4
-    for step in steps:
-        step.kl = 7.0 * step.kl + 3.0
-    after = detector.combine(steps, per_image).anomaly, detector.combine(steps, calibrated).anomaly
-    np.testing.assert_allclose(after[0], before[0], atol=1e-4)
+    # (an offset on the maps' own scale, and a tolerance for float32: a KL map that varies little around its mean
+    # loses digits when centred)
+    scaled = dataclasses.replace(raw, kl=7.0 * raw.kl + 3.0 * raw.kl.max())
+    after = anomaly(scaled, per_image), anomaly(scaled, calibrated)
+    np.testing.assert_allclose(after[0], before[0], atol=1e-2)
     assert np.abs(after[1] - before[1]).max() > 1.0
     with pytest.raises(ValueError, match="normalisation"):
         dataclasses.replace(detector.scoring, normalisation="per_batch")
@@ -222,10 +232,50 @@ def test_checkpoints_without_position_means_still_load_and_tampered_ones_are_ref
     folder = copy_of(tiny_checkpoint, tmp_path)
     weights = folder / "model.safetensors"
     tensors = load_file(str(weights))
-    save_file({k: v for k, v in tensors.items() if not k.startswith("extras.position_mean")}, str(weights))
+    save_file({k: v for k, v in tensors.items() if not k.startswith("calibration.position_mean")}, str(weights))
     older = load_checkpoint(folder)
-    assert older.position_means() is None and np.isfinite(predict(older, tiny_dataset).score)
-    tensors["extras.position_mean"] = tensors["extras.position_mean"][:, :, :-1].contiguous()
+    assert older.calibration.kl.position_mean is None and np.isfinite(predict(older, tiny_dataset).score)
+    tensors["calibration.position_mean.kl"] = tensors["calibration.position_mean.kl"][:, :, :-1].contiguous()
     save_file(tensors, str(weights))
     with pytest.raises(CheckpointError, match="position-wise normal means"):
         load_checkpoint(folder)
+
+
+@pytest.mark.parametrize("section", ["scoring", "calibration", "net"])
+def test_an_unknown_config_key_is_an_error_naming_it(tiny_checkpoint, tmp_path, section):
+    folder = copy_of(tiny_checkpoint, tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config[section]["patchh"] = 2
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="config.json: invalid settings .*unknown .*'patchh'"):
+        load_checkpoint(folder)
+
+
+def test_a_version_2_layout_migrates_with_its_pooled_statistics_and_position_means():
+    from diffad.checkpoint import migrate
+
+    r, stats = 8, {"kl": [0.0, 1.0], "feature": [2.0, 3.0], "feature@3": [4.0, 5.0], "rgb": [6.0, 7.0]}
+    config = {"format_version": 2, "category": "part", "scoring": {"pixel_map": "rgb", "feature_pool": [1, 3], "smoothing_sigma": 2.0},
+              "calibration": {"feature_pool": [1, 3], "pixel_threshold": 1.5, "step_stats": {"200": stats, "20": stats},
+                              "smoothing_validation": {"2.0": {"pixel_auroc": 0.9, "aupro": 0.8}}}}
+    full = torch.arange(2 * 3 * r * r, dtype=torch.float16).view(2, 3, r, r)  # rows for t = 200, then 20
+    tensors = {"extras.position_mean": full, "extras.position_mean_pooled": torch.zeros(2, 1, 2, 2),
+               "extras.position_mean_timesteps": torch.tensor([200, 20]), "extras.gaussian_dims": torch.arange(4)}
+    config, tensors = migrate(config, tensors)
+    assert config["scoring"] == {"pixel_kind": "rgb"} and config["calibration"]["smoothing_sigma"] == 2.0
+    calibration = config["calibration"]
+    assert calibration["timesteps"] == [20, 200] and calibration["mask_threshold"] == 1.5
+    assert calibration["features"] == [{"pool": 1, "mean": [2.0, 2.0], "std": [3.0, 3.0]}, {"pool": 3, "mean": [4.0, 4.0], "std": [5.0, 5.0]}]
+    assert torch.equal(tensors["calibration.position_mean.rgb"], full[[1, 0], 2])
+    assert tensors["calibration.position_mean.feature_3"].shape == (2, 2, 2) and "calibration.gaussian_dims" in tensors
+    # A version-2 calibration written when one pool size was all there was: its "feature" map was that size.
+    config = {"format_version": 2, "category": "part", "scoring": {"feature_pool": 3},
+              "calibration": {"feature_pool": 3, "step_stats": {"20": {"kl": [0, 1], "feature": [2, 3], "rgb": [0, 1]}}}}
+    assert migrate(config)[0]["calibration"]["features"] == [{"pool": 3, "mean": [2], "std": [3]}]
+
+
+def test_a_version_1_network_predicts_the_noise():
+    from diffad.checkpoint import MIGRATIONS
+
+    config, _ = MIGRATIONS[1]({"format_version": 1, "net": {"patch": 4}}, None)
+    assert config["format_version"] == 2 and config["net"] == {"prediction": "eps", "patch": 4}

@@ -3,6 +3,8 @@ import json
 import subprocess
 import sys
 
+import numpy as np
+
 from diffad.cli import main
 
 
@@ -32,6 +34,25 @@ def test_evaluate_writes_metrics_and_overlays(tiny_checkpoint, tiny_dataset, tmp
     assert len(list((out / "maps").glob("*.png"))) == 6
 
 
+def test_evaluate_reports_each_map_and_the_verdicts_operating_point(tiny_checkpoint, tiny_dataset, tmp_path):
+    from diffad import load_checkpoint
+    from diffad.data import list_test_samples
+
+    runs = {}
+    for kind in ("combined", "kl", "feature"):
+        assert main(["evaluate", "--checkpoint", str(tiny_checkpoint), "--data", str(tiny_dataset), "--out", str(tmp_path / kind), "--map", kind]) == 0
+        runs[kind] = json.loads((tmp_path / kind / "metrics.json").read_text())["overall"]
+    assert runs["kl"]["pixel_auroc"] != runs["feature"]["pixel_auroc"]
+    assert "operating_point" not in runs["kl"]  # the verdict threshold belongs to the combined score
+    # The operating point is what the checkpoint's own verdicts do on the test images.
+    detector = load_checkpoint(tiny_checkpoint)
+    verdicts = [(s.is_anomalous, detector.predict(s.path).is_anomalous) for s in list_test_samples(tiny_dataset)]
+    point = runs["combined"]["operating_point"]
+    assert point["threshold"] == detector.calibration.image_threshold
+    assert point["recall"] == np.mean([flagged for defective, flagged in verdicts if defective])
+    assert point["false_positive_rate"] == np.mean([flagged for defective, flagged in verdicts if not defective])
+
+
 def test_examples_are_deterministic_documented_and_masked(tiny_checkpoint, tiny_dataset, tmp_path):
     import hashlib
 
@@ -45,13 +66,17 @@ def test_examples_are_deterministic_documented_and_masked(tiny_checkpoint, tiny_
                      "--defects", "hole", "scratch", "--polish-loops", "3"]) == 0
         runs.append(json.loads((out / "manifest.json").read_text()))
     assert runs[0] == runs[1]  # same seed, same images (the manifest carries their hashes)
-    assert 0 <= runs[0]["constant_background_fraction"] <= 1
+    from diffad.data import list_images, load_images, train_folder
+    from diffad.examples import constant_pixels
+
+    images, _, _ = load_images(list_images(train_folder(tiny_dataset)), 32)
+    assert runs[0]["constant_background_fraction"] == round(float(constant_pixels(images).float().mean()), 3)
     entries = {e["file"]: e for e in runs[0]["images"]}
     assert set(entries) == {"normal_0.png", "normal_1.png", "hole.png", "scratch.png"}
     for e in entries.values():
         picture = tmp_path / "a" / e["file"]
         assert hashlib.sha256(picture.read_bytes()).hexdigest() == e["sha256"]
-        assert e["polish_loops"] >= 0 and "diffusion sample" in e["source"]
+        assert e["polish_loops"] in (0, 1, 2, 3) and "diffusion sample" in e["source"]  # never past --polish-loops
     for e in (entries["normal_0.png"], entries["normal_1.png"]):
         assert e["polish_loops"] == 3 or e["score"] < json.loads((tiny_checkpoint / "config.json").read_text())["calibration"]["image_threshold"]
     mask = np.asarray(Image.open(tmp_path / "a" / entries["hole.png"]["mask"])) > 127
@@ -89,6 +114,7 @@ def test_errors_are_one_clear_line_without_traceback(tiny_checkpoint, tmp_path):
         (["predict", "--checkpoint", str(tiny_checkpoint), str(tmp_path / "missing.png"), "--out", str(tmp_path)], "no such file"),
         (["train", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "c")], "does not exist"),
         (["train", "--data", str(tmp_path), "--out", str(tiny_checkpoint)], "unfinished run"),
+        (["train", "--data", str(tmp_path), "--out", str(tmp_path / "c"), "--net", '{"patchh": 2}'], "unknown network setting(s) 'patchh'"),
     ]
     for args, message in cases:
         result = subprocess.run([sys.executable, "-m", "diffad", *args], capture_output=True, text=True, timeout=120)

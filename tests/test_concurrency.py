@@ -53,3 +53,41 @@ def test_parallel_predictions_equal_sequential_ones(tiny_checkpoint, tiny_datase
     assert not errors
     for path, maps in results.items():
         assert all(np.array_equal(m, expected[path]) for m in maps)
+
+
+def test_a_slow_load_blocks_only_its_own_category(monkeypatch):
+    import time
+
+    from diffad.registry import CheckpointRegistry
+
+    registry = CheckpointRegistry("nowhere")
+    release, loads = threading.Event(), []
+
+    def load(category):
+        loads.append(category)
+        if category == "slow":  # a Hub download that takes its time
+            release.wait(10)
+        return object(), category
+
+    monkeypatch.setattr(registry, "_load", load)
+    slow = [threading.Thread(target=registry.get, args=("slow",)) for _ in range(2)]
+    for thread in slow:
+        thread.start()
+    time.sleep(0.2)
+    start = time.perf_counter()
+    assert registry.get("fast")[1] == "fast"
+    assert time.perf_counter() - start < 1.0
+    release.set()
+    for thread in slow:
+        thread.join(5)
+    assert loads.count("slow") == 1  # the second request waited for the first load instead of loading again
+
+
+def test_moving_a_detector_leaves_the_shared_backbone_where_it_is(tiny_checkpoint):
+    from diffad.detector import shared_backbone
+
+    detector = load_checkpoint(tiny_checkpoint)
+    cpu_backbone = shared_backbone()
+    detector.to("meta")  # any other device
+    assert detector.backbone is shared_backbone(device="meta") is not cpu_backbone
+    assert next(cpu_backbone.parameters()).device.type == "cpu"

@@ -1,11 +1,12 @@
+import copy
 import imageio.v2 as imageio
 import pytest
 import torch
 from PIL import Image
 
 from diffad import load_checkpoint
-from diffad.morph import (FeatureGaussian, MorphConfig, before_after, energy_gradient, export_gif, export_mp4, feature_gaussian,
-                          fit_feature_gaussian, focus_weight, morph)
+from diffad.gaussian import FeatureGaussian, fit_feature_gaussian
+from diffad.morph import MorphConfig, before_after, energy_gradient, export_gif, export_mp4, feature_gaussian, focus_weight, morph
 from tests.conftest import BOTTLE, needs_bottle
 
 
@@ -43,7 +44,7 @@ def test_energy_gradient_matches_finite_differences(detector, defective):
 
 
 def test_frames_are_deterministic_and_exportable(detector, defective, tmp_path):
-    config = MorphConfig(denoise_every=2, max_loops=3, stop_below_threshold=False, seed=3)
+    config = MorphConfig(denoise_every=2, max_loops=3, stop_at="never", seed=3)
     frames = list(morph(detector, defective, config))
     again = list(morph(detector, defective, config))
     assert [f.step for f in frames] == [0, 2, 4, 6] and [f.loop for f in frames] == [0, 1, 2, 3]
@@ -71,6 +72,7 @@ def test_frames_are_deterministic_and_exportable(detector, defective, tmp_path):
         (MorphConfig(timestep=5000), "timestep"),
         (MorphConfig(focus=-1.0), "focus"),
         (MorphConfig(focus=float("nan")), "focus"),
+        (MorphConfig(stop_at="normal"), "stop_at"),
     ],
 )
 def test_bad_parameters_are_rejected(detector, defective, config, message):
@@ -78,9 +80,30 @@ def test_bad_parameters_are_rejected(detector, defective, config, message):
         next(morph(detector, defective, config))
 
 
+def test_the_morph_stops_at_the_first_frame_that_scores_like_a_typical_normal_part(detector, defective):
+    import dataclasses
+
+    import numpy as np
+
+    frames = list(morph(detector, defective, MorphConfig(denoise_every=2, max_loops=4, stop_at="never", seed=3)))
+    scores = [f.score for f in frames]
+    assert scores[-1] < scores[0]
+    # Normal images' median halfway down the morph's path, their threshold above its start.
+    median = (scores[0] + min(scores)) / 2
+    calibrated = dataclasses.replace(detector.calibration, normal_scores=[median - 1, median, median + 1],
+                                     image_threshold=scores[0] + 1)
+    shifted = copy.copy(detector)
+    shifted.calibration = calibrated
+    for rule, expected in (("typical", next(i for i, s in enumerate(scores) if s <= median)), ("threshold", 0)):
+        stopped = list(morph(shifted, defective, MorphConfig(denoise_every=2, max_loops=4, stop_at=rule, seed=3)))
+        assert len(stopped) == expected + 1 and [f.score for f in stopped] == scores[: expected + 1]
+        assert stopped[-1].is_normal and stopped[-1].is_typical == (rule == "typical")
+    assert np.median(calibrated.normal_scores) == median
+
+
 def test_focus_leaves_pixels_the_model_finds_normal_untouched(detector, tiny_dataset):
     image = sorted((tiny_dataset / "test" / "good").iterdir())[0]  # the tiny model flags every pixel of its defects
-    first, second = list(morph(detector, image, MorphConfig(max_loops=1, focus=1.0, stop_below_threshold=False)))
+    first, second = list(morph(detector, image, MorphConfig(max_loops=1, focus=1.0, stop_at="never")))
     untouched = focus_weight(detector, first.anomaly_map, 1.0)[0] == 0
     change = (second.image - first.image).abs().sum(dim=0)
     assert untouched.any() and (~untouched).any()
@@ -105,7 +128,7 @@ def test_gaussian_fitted_on_noisy_copies_does_not_mistake_noise_for_defects(dete
 
 @needs_bottle
 def test_morph_lowers_energy_and_score_on_the_shipped_checkpoint(bottle_detector):
-    frames = list(morph(bottle_detector, BOTTLE / "test" / "broken_large" / "000.png", MorphConfig(max_loops=3, stop_below_threshold=False)))
+    frames = list(morph(bottle_detector, BOTTLE / "test" / "broken_large" / "000.png", MorphConfig(max_loops=3, stop_at="never")))
     energies, scores = [f.energy for f in frames], [f.score for f in frames]
     assert energies == sorted(energies, reverse=True) and energies[-1] < 0.5 * energies[0]
     assert scores == sorted(scores, reverse=True) and scores[-1] < scores[0] - 10.0

@@ -1,0 +1,46 @@
+"""Denoiser section: the network's noise-prediction error by timestep on good test images."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from diffad.data import list_images
+
+DENOISER_TIMESTEPS = (5, 20, 100, 200, 400)
+
+
+@torch.no_grad()
+def measure(detector, root: Path, train_images: torch.Tensor, n_images: int = 8, seed: int = 0) -> dict:
+    """Noise-prediction error by timestep on good test images: how well the model knows what normal looks like."""
+    paths = list_images(root / "test" / "good")[:n_images]
+    x0 = torch.stack([detector.preprocess(p) for p in paths]).to(detector.device)
+    # Reference: the noise estimate a model would make if it answered every x_t with the mean training image.
+    mean_image = train_images.mean(dim=0, keepdim=True).expand_as(x0).to(detector.device)
+    generator = torch.Generator().manual_seed(seed)
+    rows = {}
+    for t in DENOISER_TIMESTEPS:
+        tt = torch.full((len(x0),), t, device=detector.device)
+        noise = torch.randn(x0.shape, generator=generator).to(detector.device)
+        xt = detector.diffusion.q_sample(x0, tt, noise)
+        out = detector.net(xt, tt)
+        x0_hat = detector.diffusion.predict_x0(xt, tt, out.eps)
+        eps_from_mean = detector.diffusion.predict_eps(xt, tt, mean_image)
+        # Per pixel, the KL is the squared x0 error divided by the learned variance (plus a variance-only term); the
+        # variance can only move between the posterior's and beta_t, so this ratio bounds how much it can re-rank pixels.
+        log_variance = detector.diffusion.model_log_variance(tt, out.v).mean(dim=1)
+        variance_range = float((detector.diffusion.betas[t].log() - detector.diffusion.posterior_log_variance_clipped[t]).exp())
+        rows[t] = {"noise_std": float(detector.diffusion.sqrt_one_minus_alphas_cumprod[t]), "eps_mse": float((out.eps - noise).pow(2).mean()),
+                   "x0_rmse": float((x0_hat - x0).pow(2).mean().sqrt()),
+                   "mean_image_eps_mse": float((eps_from_mean - noise).pow(2).mean()),
+                   "variance_range": variance_range,
+                   "log_variance_spatial_std": float(log_variance.flatten(1).std(dim=1).mean())}
+    return {"images": len(paths), "rows": rows}
+
+
+def render(d: dict) -> list[str]:
+    out = ["", f"### Denoiser ({d['images']} good test images; noise std and x̂0 RMSE in pixel units of [-1, 1])", "",
+           "| t | noise std | ε-MSE | x̂0 RMSE | ε-MSE if x̂0 were the mean training image | β_t / β̃_t (most the learned "
+           "variance can re-weight the KL) | learned log-variance, std across the image |", "|---|---|---|---|---|---|---|"]
+    return out + [f"| {t} | {row['noise_std']:.3f} | {row['eps_mse']:.3f} | {row['x0_rmse']:.3f} | {row['mean_image_eps_mse']:.3f} "
+                  f"| {row['variance_range']:.3f} | {row['log_variance_spatial_std']:.4f} |" for t, row in d["rows"].items()]
