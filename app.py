@@ -377,7 +377,7 @@ def warm_up(detector) -> None:
     examples = sorted((EXAMPLES / detector.category).glob("normal_*.png"))
     image = examples[0] if examples else Image.new("RGB", (detector.resolution, detector.resolution), (128, 128, 128))
     analysis = analyse(detector, image)
-    map_picture(analysis, next(iter(MAP_CHOICES)), analysis.pixel_threshold)
+    map_picture(analysis, next(iter(MAP_CHOICES)), analysis.mask_threshold)
     step_view(analysis, 0)
     release_memory()
 
