@@ -10,14 +10,14 @@ import functools
 import hashlib
 import inspect
 import io
+import itertools
 import logging
 import os
-import itertools
 import shutil
 import tempfile
 import threading
-from collections import OrderedDict
 import time
+from collections import OrderedDict
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -28,12 +28,32 @@ from PIL import Image
 
 from diffad import CheckpointError, DataError
 from diffad.data import read_image
-from diffad.demo import (MAP_CHOICES, MORPH_STARTED, Analysis, MorphCanvas, analyse, example_label, export_morph_gif,
-                         known_examples, map_with_colorbar, message_markdown, morph_done, morph_status,
-                         nearest_timestep, resize_map, sha256_of, slider_ranges, step_colorbar, step_view, summary,
-                         verdict_markdown)
+from diffad.demo import (
+    MAP_CHOICES,
+    MORPH_STARTED,
+    Analysis,
+    MorphCanvas,
+    analyse,
+    example_label,
+    export_morph_gif,
+    known_examples,
+    map_picture,
+    map_with_colorbar,
+    message_markdown,
+    morph_done,
+    morph_status,
+    nearest_timestep,
+    resize_map,
+    sha256_of,
+    slider_ranges,
+    step_colorbar,
+    step_view,
+    summary,
+    verdict_markdown,
+)
 from diffad.morph import MorphConfig, before_after, export_mp4, morph
 from diffad.registry import CheckpointRegistry
+from diffad.space import hub_source
 from diffad.visualize import anomaly_picture
 from photo_input import PhotoInput
 
@@ -69,6 +89,8 @@ try:  # on a ZeroGPU Space, heavy calls get a GPU; elsewhere this is a no-op
 except ImportError:
     def gpu(fn):
         return fn
+# How the spaces package itself recognises ZeroGPU hardware.
+ZERO_GPU = os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "true")
 
 
 PAPER_URL = ("https://openaccess.thecvf.com/content/ICCV2023/html/"
@@ -319,7 +341,7 @@ def run_morph(registry: CheckpointRegistry, image_path, category, step_size, den
 def make_app(registry: CheckpointRegistry) -> gr.Blocks:
     """The page: layout here, behaviour in the module-level handlers above (bound to `registry`)."""
     categories = registry.categories()
-    default = DEFAULT_CATEGORY if DEFAULT_CATEGORY in categories else (categories[0] if categories else None)
+    default = default_category(categories)
     with gr.Blocks(title="diffad — defects as noise", delete_cache=(1800, 3600)) as demo:
         ui = _layout(categories, default, registry.hub_note or "Using the local checkpoints/ folder.")
         _wire(ui, registry)
@@ -498,11 +520,24 @@ def step_files(analysis, t) -> tuple:
     return (*map(picture_file, pictures), text)
 
 
+def default_category(categories: list[str]) -> str | None:
+    return DEFAULT_CATEGORY if DEFAULT_CATEGORY in categories else (categories[0] if categories else None)
+
+
+def hub_defaults() -> tuple[str | None, str | None]:
+    """The Hub repo and revision: DIFFAD_HUB_REPO / DIFFAD_HUB_REVISION, else what this folder's README preloads (a
+    Space made by `diffad space` reads the commit its builder put in the Hub cache); none for a plain checkout."""
+    if os.environ.get("DIFFAD_HUB_REPO"):
+        return os.environ["DIFFAD_HUB_REPO"], os.environ.get("DIFFAD_HUB_REVISION")
+    return hub_source(ROOT / "README.md") or (None, None)
+
+
 def parse_args(argv=None):
+    hub_repo, revision = hub_defaults()
     parser = argparse.ArgumentParser(description="diffad web demo")
     parser.add_argument("--checkpoints", default=os.environ.get("DIFFAD_CHECKPOINTS", str(ROOT / "checkpoints")))
-    parser.add_argument("--hub-repo", default=os.environ.get("DIFFAD_HUB_REPO"), help="Hub model repo, one subfolder per category")
-    parser.add_argument("--revision", default=os.environ.get("DIFFAD_HUB_REVISION"))
+    parser.add_argument("--hub-repo", default=hub_repo, help="Hub model repo, one subfolder per category")
+    parser.add_argument("--revision", default=revision)
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
     parser.add_argument("--max-queue", type=int, default=32)
@@ -510,12 +545,64 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def set_threads() -> None:
+    """Torch threads: the Space's CPU share when it says (CPU_CORES; os.cpu_count() sees the host's cores), else
+    OMP_NUM_THREADS as torch already reads it, else every core."""
+    if os.environ.get("CPU_CORES", "").isdigit():
+        torch.set_num_threads(max(1, int(os.environ["CPU_CORES"])))
+    elif not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+
+def start(args) -> CheckpointRegistry:
+    """The registry with the default category loaded, and warmed by one analysis of an example, so that the first
+    user's analysis is as fast as the next. On ZeroGPU the categories loaded here (up to the registry's limit) are
+    moved to CUDA in the main process; the GPU itself only exists inside @spaces.GPU calls, so nothing runs on it yet."""
+    set_threads()
+    log.info("torch threads: %d", torch.get_num_threads())
+    registry = CheckpointRegistry(local_root=args.checkpoints, hub_repo=args.hub_repo, revision=args.revision)
+    categories = registry.categories()
+    default = default_category(categories)
+    others = [c for c in categories if c != default] if ZERO_GPU else []
+    for category in ([default] if default else []) + others[:registry.max_loaded - 1]:
+        try:
+            detector, origin = registry.get(category)
+        except CheckpointError as exc:  # the page says so when the category is picked
+            log.warning("could not load %s at start: %s", category, exc)
+            continue
+        log.info("loaded %s (%s) on %s", category, origin, registry.device)
+        if not ZERO_GPU:
+            started = time.perf_counter()
+            warm_up(detector)
+            log.info("warmed %s in %.1f s", category, time.perf_counter() - started)
+    return registry
+
+
+def warm_up(detector) -> None:
+    """One analysis and its pictures, on an example of the category when there is one."""
+    examples = sorted((EXAMPLES / detector.category).glob("normal_*.png"))
+    image = examples[0] if examples else Image.new("RGB", (detector.resolution, detector.resolution), (128, 128, 128))
+    analysis = analyse(detector, image)
+    map_picture(analysis, next(iter(MAP_CHOICES)), analysis.mask_threshold)
+    step_view(analysis, 0)
+    release_memory()
+
+
+def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request otherwise
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    demo = make_app(CheckpointRegistry(local_root=args.checkpoints, hub_repo=args.hub_repo, revision=args.revision))
+
+
+REGISTRY = None
+if ZERO_GPU:  # its docs' pattern: models on CUDA at module level, before the app starts
+    setup_logging()
+    REGISTRY = start(parse_args([]))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    setup_logging()
+    demo = make_app(REGISTRY or start(args))
     demo.queue(max_size=args.max_queue, default_concurrency_limit=args.concurrency)
     demo.launch(server_name=args.host, server_port=args.port, max_file_size="20mb", show_error=True)
 

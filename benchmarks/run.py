@@ -21,13 +21,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import app_latency, denoiser, load_test, morph_quality, quality, speed  # noqa: E402
+from benchmarks import app_latency, denoiser, kl_panel, load_test, morph_quality, quality, speed  # noqa: E402
 from benchmarks.common import DATA  # noqa: E402
 from diffad import load_checkpoint  # noqa: E402
 from diffad.data import list_test_samples  # noqa: E402
 from diffad.train import checkpoint_split  # noqa: E402
 
-SECTIONS = ("quality", "denoiser", "speed", "morph")
+SECTIONS = ("quality", "denoiser", "kl_panel", "speed", "morph")
 
 
 def measure(section: str, detector, checkpoint: Path, root: Path, args) -> dict:
@@ -36,9 +36,12 @@ def measure(section: str, detector, checkpoint: Path, root: Path, args) -> dict:
         return quality.measure(detector, checkpoint, root, args.ablation)
     if section == "denoiser":
         return {"denoiser": denoiser.measure(detector, root, checkpoint_split(detector, root)[0])}
+    if section == "kl_panel":
+        return kl_panel.measure(detector, root, args.morph_images)
     if section == "speed":
         return {"latency": speed.measure(detector, [s.path for s in list_test_samples(root)], args.threads)}
-    return morph_quality.measure(detector, root, args.morph_images, args.threads) if args.morph_images else {}
+    grids = ROOT / "runs" / "benchmarks"  # before/after grids of real test images: looked at, never committed
+    return morph_quality.measure(detector, root, args.morph_images, args.threads, grids) if args.morph_images else {}
 
 
 def markdown(results: dict) -> str:
@@ -49,6 +52,8 @@ def markdown(results: dict) -> str:
         out += quality.render(r)
         if r.get("denoiser"):
             out += denoiser.render(r["denoiser"])
+        if r.get("kl_panel"):
+            out += kl_panel.render(r["kl_panel"])
         out += speed.render(r["latency"]) + morph_quality.render(r) + [""]
     if results.get("app"):
         out += app_latency.render(results["app"])

@@ -1,4 +1,4 @@
-"""Command line: `diffad train | evaluate | predict` (also `python -m diffad`)."""
+"""Command line: `diffad train | evaluate | calibrate | predict | morph | examples | push | space` (also `python -m diffad`)."""
 from __future__ import annotations
 
 import argparse
@@ -90,13 +90,24 @@ def build_parser() -> argparse.ArgumentParser:
     examples.add_argument("--polish-loops", type=int, default=POLISH_LOOPS,
                           help="morph each sample for up to this many loops until it scores normal (0: raw samples)")
 
-    push = sub.add_parser("push", help="upload a category checkpoint to a Hugging Face Hub repo")
-    push.add_argument("--checkpoint", required=True, help="local category folder")
-    push.add_argument("--repo-id", required=True, help="USER/REPO; the category goes into its own subfolder")
+    push = sub.add_parser("push", help="upload checkpoints and a model card to a Hugging Face Hub model repo, in one commit")
+    push.add_argument("--checkpoint", required=True, help="a category folder, or a folder of categories (all are pushed)")
+    push.add_argument("--repo-id", required=True, help="USER/REPO; each category goes into its own subfolder")
     push.add_argument("--licence", default="cc-by-nc-sa-4.0", help="licence of the weights (follow the training data's)")
     push.add_argument("--data-note", default="", help="where the training data came from and its licence")
-    push.add_argument("--revision", help="branch to upload to")
+    push.add_argument("--dataset", help="Hub dataset id of the training/test data (card metadata and eval results)")
+    push.add_argument("--revision", help="branch to commit to (created from the default branch if missing)")
     push.add_argument("--private", action="store_true")
+    push.add_argument("--token", help="Hub token (default: HF_TOKEN or the saved login)")
+
+    space = sub.add_parser("space", help="assemble a Hugging Face Space (app, package, examples, requirements, README)")
+    space.add_argument("--out", required=True, help="folder to write the Space into (replaced)")
+    space.add_argument("--model-repo", help="Hub model repo to preload the checkpoints from (else checkpoints/ is copied)")
+    space.add_argument("--model-revision", help="commit of --model-repo to pin (default: its current commit)")
+    space.add_argument("--categories", nargs="+", help="categories to serve (default: those in checkpoints/)")
+    space.add_argument("--repo-id", help="USER/SPACE: upload the folder there (created if missing)")
+    space.add_argument("--token", help="Hub token (default: HF_TOKEN or the saved login)")
+    space.add_argument("--private", action="store_true")
 
     predict = sub.add_parser("predict", help="score images or folders of images")
     _add_checkpoint_args(predict)
@@ -189,8 +200,19 @@ def cmd_examples(args) -> int:
 def cmd_push(args) -> int:
     from .hub import push
 
-    url = push(args.checkpoint, args.repo_id, licence=args.licence, data_note=args.data_note, revision=args.revision, private=args.private)
+    url = push(args.checkpoint, args.repo_id, licence=args.licence, data_note=args.data_note, revision=args.revision,
+               private=args.private, dataset=args.dataset, token=args.token)
     print(f"uploaded: {url}")
+    return 0
+
+
+def cmd_space(args) -> int:
+    from .space import assemble, upload
+
+    folder = assemble(args.out, args.model_repo, args.model_revision, categories=args.categories)
+    print(f"Space assembled in {folder}")
+    if args.repo_id:
+        print(f"uploaded: {upload(folder, args.repo_id, token=args.token, private=args.private)}")
     return 0
 
 
@@ -226,11 +248,11 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     handler = {
         "train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "calibrate": cmd_calibrate, "morph": cmd_morph,
-        "examples": cmd_examples, "push": cmd_push,
+        "examples": cmd_examples, "push": cmd_push, "space": cmd_space,
     }[args.command]
     try:
         return handler(args)
-    except (DataError, CheckpointError, ValueError) as exc:
+    except (DataError, CheckpointError, ValueError, OSError) as exc:  # OSError: also the Hub's HTTP errors
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

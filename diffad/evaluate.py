@@ -138,7 +138,7 @@ def scoring_for_map(scoring: ScoringConfig, kind: str) -> ScoringConfig:
     if kind == "feature":
         return replace(scoring, alpha=0.0)
     if kind in ("kl", "rgb"):
-        return replace(scoring, alpha=1.0, pixel_map=kind)
+        return replace(scoring, alpha=1.0, pixel_kind=kind)
     raise ValueError(f"unknown map {kind!r} (use one of {', '.join(MAP_KINDS)})")
 
 
@@ -155,7 +155,8 @@ def evaluate(detector: AnomalyDetector, root, out=None, save_maps: bool = False,
 
     `map_kind` scores with one part of the map only. The checkpoint's verdict threshold belongs to the combined
     score, so only that map reports the operating point (recall and false-positive rate at the threshold)."""
-    scored = score_test_set(detector, root, {map_kind: scoring_for_map(detector.scoring, map_kind)}, progress=progress)[map_kind]
+    variant = Variant(scoring_for_map(detector.scoring, map_kind), detector.calibration)
+    scored = score_test_set(detector, root, {map_kind: variant}, progress=progress)[map_kind]
     metrics = metrics_for(scored)
     if map_kind == "combined":
         metrics["overall"]["operating_point"] = operating_point(scored, detector.calibration.image_threshold)

@@ -36,7 +36,7 @@ class FeatureDistance:
     report: dict  # how the threshold was chosen and what it does on held-out images
 
     @classmethod
-    def fit(cls, features: torch.Tensor) -> "FeatureDistance":
+    def fit(cls, features: torch.Tensor) -> FeatureDistance:
         """`features`: (N, C) global features of normal images. The threshold is set by choose_threshold."""
         x = features.double()
         mean = x.mean(0)
@@ -62,7 +62,7 @@ class FeatureDistance:
         return path
 
     @classmethod
-    def load(cls, path) -> "FeatureDistance":
+    def load(cls, path) -> FeatureDistance:
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as handle:

@@ -8,9 +8,15 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, list_local_categories, load_checkpoint, validate_category
+from .checkpoint import (
+    CheckpointError,
+    list_local_categories,
+    load_checkpoint,
+    validate_category,
+)
 from .detector import AnomalyDetector
-from .ood import FILE_NAME as OOD_FILE, FeatureDistance
+from .ood import FILE_NAME as OOD_FILE
+from .ood import FeatureDistance
 
 log = logging.getLogger(__name__)
 # Listing the Hub repo at start-up must not hang the app on a network that drops packets.

@@ -10,8 +10,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import ROOT
-
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
@@ -144,7 +142,8 @@ def test_main_path_example_analysis_timesteps_threshold_morph_new_photo(page, sh
     page.click("#morph")
     wait_text(page, "#morph-status", "Step")
     page.get_by_text("bottle · normal", exact=True).first.click()
-    page.wait_for_function(f"!document.querySelector('#verdict').innerText.includes({first_verdict.splitlines()[1][:20]!r})")
+    page.wait_for_function(f"!document.querySelector('#verdict').innerText.includes({first_verdict.splitlines()[1][:20]!r})",
+                           timeout=SLOW)
     assert links_in(page, "#downloads") == 0 and "done after" not in text(page, "#morph-status")
     wait_text(page, "#verdict", "Score")
     assert text(page, "#verdict") != first_verdict

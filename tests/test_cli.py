@@ -100,11 +100,11 @@ def test_constant_background_is_found_and_kept_in_samples(tiny_checkpoint):
     r = detector.resolution
     stack = torch.rand(4, 3, r, r, generator=g) * 2 - 1
     stack[:, :, : r // 4] = 1.0
-    picture, _ = normal_sample(detector, stack.mean(0), 50, seed=0, polish_loops=1, constant=constant_pixels(stack))
-    untouched, _ = normal_sample(detector, stack.mean(0), 50, seed=0, polish_loops=1)
-    # The polish morph may still touch pixels this barely trained model flags, but far less than sampling does.
+    # Without polishing (which may touch whatever this barely trained model flags), the constant band stays white.
+    picture, _ = normal_sample(detector, stack.mean(0), 50, seed=0, polish_loops=0, constant=constant_pixels(stack))
+    untouched, _ = normal_sample(detector, stack.mean(0), 50, seed=0, polish_loops=0)
     off_white = [np.abs(255 - p[: r // 4].astype(float)).mean() for p in (picture, untouched)]
-    assert off_white[0] < 0.5 * off_white[1]
+    assert off_white[0] == 0 and off_white[1] > 1
 
 
 def test_errors_are_one_clear_line_without_traceback(tiny_checkpoint, tmp_path):
