@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from .data import DataError, read_image, to_uint8
@@ -109,8 +110,9 @@ def _step_views(detector: AnomalyDetector, prediction, size: tuple[int, int]) ->
 
 def analyse(detector: AnomalyDetector, image, known_mask: np.ndarray | None = None, seed: int | None = None,
             ood=None, source: str = "") -> Analysis:
-    """Score a photo and keep what the page shows. `ood`: a diffad.ood.FeatureDistance for this category."""
-    photo = read_image(image)
+    """Score a photo (anything read_image reads, or a (3, H, W) tensor in [-1, 1]) and keep what the page shows.
+    `ood`: a diffad.ood.FeatureDistance for this category."""
+    photo = Image.fromarray(to_uint8(image)) if isinstance(image, torch.Tensor) else read_image(image)
     size = display_size(*photo.size)
     prediction = detector.predict(photo, seed=seed, view_timesteps=detector.calibration.timesteps)
     if known_mask is not None:
