@@ -107,5 +107,5 @@ def test_app_starts_offline_on_a_fresh_checkout_with_the_local_default(tmp_path)
         assert "torch threads: 1" in log  # the Space's CPU share, not the host's cores
         details = Client(url, verbose=False).predict(handle_file(str(ROOT / "examples" / "bottle" / "crack.png")),
                                                      "bottle", api_name="/analyse")[1]
-    assert details["checkpoint"] == f"local: {ROOT / 'checkpoints' / 'bottle'}"
+    assert details["checkpoint"] == "local: checkpoints/bottle"  # the folder's name, never a server path (issue 21)
     assert details["verdict"] == "anomalous"
