@@ -51,7 +51,7 @@ from diffad.demo import (
     summary,
     verdict_markdown,
 )
-from diffad.morph import MorphConfig, before_after, export_mp4, morph
+from diffad.morph import MorphConfig, before_after, export_mp4, morph, typical_normal_score
 from diffad.registry import CheckpointRegistry
 from diffad.space import hub_source
 from diffad.visualize import anomaly_picture
@@ -314,6 +314,7 @@ def run_morph(registry: CheckpointRegistry, image_path, category, step_size, den
         raise gr.Error(str(exc), print_exception=False) from exc
     yield None, None, MORPH_STARTED, None, None  # a new morph: the previous one's results go at once
     frames, shown, threshold = [], [], detector.calibration.image_threshold
+    typical = typical_normal_score(detector)
     try:
         for frame in morph(detector, image_path, config):
             frames.append(frame.rgb())
@@ -321,7 +322,7 @@ def run_morph(registry: CheckpointRegistry, image_path, category, step_size, den
                 canvas = MorphCanvas(image_path, frames[0])
             shown.append(canvas(frames[-1]))
             amap = resize_map(frame.anomaly_map, canvas.size)
-            status = morph_status(frame, threshold)
+            status, last = morph_status(frame, threshold, typical), frame
             pictures = picture_file(shown[-1]), picture_file(anomaly_picture(shown[-1], amap, detector.calibration.mask_threshold))
             yield *pictures, status, None, None
     except (DataError, ValueError) as exc:
@@ -335,7 +336,7 @@ def run_morph(registry: CheckpointRegistry, image_path, category, step_size, den
     gif, mp4 = export_morph_gif(shown, folder / "morph.gif"), export_mp4(shown, folder / "morph.mp4")
     pair = folder / "before_after.png"
     Image.fromarray(before_after(shown[0], shown[-1])).save(pair)
-    yield (*pictures, morph_done(status, len(frames) - 1), (picture_file(shown[0]), pictures[0]), [str(gif), str(mp4), str(pair)])
+    yield (*pictures, morph_done(status, last, config.max_loops), (picture_file(shown[0]), pictures[0]), [str(gif), str(mp4), str(pair)])
 
 
 def make_app(registry: CheckpointRegistry) -> gr.Blocks:

@@ -252,10 +252,12 @@ def map_with_colorbar(analysis: Analysis, map_label: str, mask_threshold: float)
 
 # The timestep explanation; the KL sentence is expected to be reworded (issue 19): change it here only.
 STEP_TEXT = (
-    "**t = {t}**: the photo is mixed with noise (signal kept: {signal:.0%}). The model sees only x_t and estimates the "
-    "clean image x̂0. Where the input is normal, the model's reverse step matches the true one and the KL map stays "
-    "dark; a defect looks like noise the model wants to remove, so the KL (and the feature error) light up there. "
-    "Small t shows fine detail, large t shows larger structures."
+    "**t = {t}**: the photo mixed with noise (signal kept: {signal:.0%}) is all the model sees; x̂0 is its estimate of "
+    "the clean part. The **KL** panel is the per-pixel KL divergence between the true reverse step (which knows the "
+    "photo) and the model's: in effect the squared difference between the photo and x̂0, weighed by the model's "
+    "variance. It lights up where x̂0 differs from the photo more than it does on normal parts here: a defect the model "
+    "paints over with normal appearance, or detail it cannot restore at this noise level. At small t the defect shows "
+    "through the noise and x̂0 keeps part of it; at large t x̂0 is closer to a typical normal part, and also blurrier."
 )
 STEP_SCALE_TEXT = (
     "**(z)**: standard deviations above what normal `{category}` pixels show at this timestep (0 = typical, "
@@ -310,13 +312,24 @@ def step_colorbar() -> np.ndarray:
 
 
 # The morph's messages; issue 19 will reword the end message ("scores like a typical normal part"): here only.
-def morph_status(frame, image_threshold: float) -> str:
-    return (f"Step {frame.step} (loop {frame.loop}): score **{frame.score:.2f}** (threshold {image_threshold:.2f})"
-            + (" — normal ✅" if frame.is_normal else ""))
+def morph_status(frame, image_threshold: float, typical_score: float) -> str:
+    reached = (" — scores like a typical normal part ✅" if frame.is_typical
+               else " — under the verdict threshold" if frame.is_normal else "")
+    return (f"Step {frame.step} (loop {frame.loop}): score **{frame.score:.2f}** (verdict threshold {image_threshold:.2f}; "
+            f"a typical normal part scores {typical_score:.2f}){reached}")
 
 
-def morph_done(status: str, loops: int) -> str:
-    return status + f" — done after {loops} loops."
+def morph_done(status: str, last_frame, max_loops: int) -> str:
+    """What the morph reached, and what to try when it ran out of loops."""
+    loops = last_frame.loop
+    if last_frame.is_typical:
+        return status + f" — finished after {loops} loops: the part now scores like a typical normal part."
+    advice = ("more loops, or a larger step size; for a large defect, untick “Only change what looks anomalous” "
+              "(the paper's morph changes every pixel)")
+    if last_frame.is_normal:
+        return (status + f" — finished at the {max_loops}-loop limit: under the verdict threshold, but still above a "
+                f"typical normal part, so traces of the defect may remain. Try {advice}.")
+    return status + f" — finished at the {max_loops}-loop limit and the part still scores as anomalous. Try {advice}."
 
 
 MORPH_STARTED = "Morphing… the first frame is the photo itself."

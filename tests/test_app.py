@@ -55,7 +55,8 @@ def test_analyse_scrub_threshold_and_morph(client, tiny_dataset):
 
     job = client.submit(handle_file(str(defective)), "part", 0.02, 2, 2, 0, api_name="/morph")
     outputs = job.result(timeout=300)
-    assert "done after" in outputs[2]
+    # It says what was reached, judged against a typical normal part (and what to try when loops ran out).
+    assert "finished" in outputs[2] and ("scores like a typical normal part" in outputs[2] or "Try more loops" in outputs[2])
     assert len(outputs[4]) == 3 and all(Path(f).stat().st_size > 0 for f in outputs[4])
 
 
@@ -266,3 +267,16 @@ def test_pictures_shared_by_concurrent_users_are_never_half_written():
     for thread in readers:
         thread.join()
     assert not errors
+
+
+def test_the_morph_says_what_it_reached_and_what_to_try_when_loops_run_out():
+    from types import SimpleNamespace
+
+    from diffad.demo import morph_done
+
+    def end(typical, normal):
+        return morph_done("status", SimpleNamespace(loop=16, is_typical=typical, is_normal=normal), 16)
+
+    assert "scores like a typical normal part" in end(True, True) and "Try" not in end(True, True)
+    assert "under the verdict threshold, but still above a typical normal part" in end(False, True) and "Try more loops" in end(False, True)
+    assert "still scores as anomalous" in end(False, False) and "Try more loops" in end(False, False)

@@ -128,14 +128,14 @@ def test_main_path_example_analysis_timesteps_threshold_morph_new_photo(page, sh
     page.get_by_role("tab", name="Morph to normal").click()
     set_number(page, "loops", 2)
     page.click("#morph")
-    wait_text(page, "#morph-status", "done after")
+    wait_text(page, "#morph-status", "finished")
     page.wait_for_function("document.querySelectorAll('#downloads a').length >= 3", timeout=60_000)
     wait_image(page, "#compare")
     page.screenshot(path=str(shots / "3_morph.png"), full_page=True)
     page.click("#morph")
-    page.wait_for_function("!document.querySelector('#morph-status').innerText.includes('done after')", timeout=60_000)
+    page.wait_for_function("!document.querySelector('#morph-status').innerText.includes('finished')", timeout=60_000)
     assert links_in(page, "#downloads") == 0 and images_in(page, "#compare") == 0
-    wait_text(page, "#morph-status", "done after")
+    wait_text(page, "#morph-status", "finished")
 
     # A new photo: the old verdict, map, timestep panels and morph go at once (a morph still streaming stops),
     # then the new analysis arrives.
@@ -144,7 +144,7 @@ def test_main_path_example_analysis_timesteps_threshold_morph_new_photo(page, sh
     page.get_by_text("bottle · normal", exact=True).first.click()
     page.wait_for_function(f"!document.querySelector('#verdict').innerText.includes({first_verdict.splitlines()[1][:20]!r})",
                            timeout=SLOW)
-    assert links_in(page, "#downloads") == 0 and "done after" not in text(page, "#morph-status")
+    assert links_in(page, "#downloads") == 0 and "finished" not in text(page, "#morph-status")
     wait_text(page, "#verdict", "Score")
     assert text(page, "#verdict") != first_verdict
     assert text(page, "#morph-status") == "" and links_in(page, "#downloads") == 0
