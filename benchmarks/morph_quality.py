@@ -116,6 +116,19 @@ def timed_morph(detector, path, config: MorphConfig) -> tuple[list, float, float
     return frames, first_frame, time.perf_counter() - start
 
 
+def judged_lines(m: dict) -> list[str]:
+    """How the morph ended; results measured before the PatchCore judge and the typical-part stop say less."""
+    loops = f"within {m['max_loops']} loops (loops used: {', '.join(map(str, sorted(m['loops_used'])))})"
+    if "patchcore_normal_after_fraction" not in m:
+        return [f"- final score below the normal threshold: **{m['normal_after_fraction']:.0%}** {loops} "
+                "(measured before the morph stopped at a typical normal part's score; no independent judge)"]
+    return [f"- judged by PatchCore (same backbone, threshold set on the held-out normal images as diffad's is; the morph "
+            f"never sees it): **{m['patchcore_normal_after_fraction']:.0%}** end normal",
+            f"- diffad's own score at the end: as low as the median normal part's for **{m['typical_after_fraction']:.0%}** "
+            f"(the stop rule), below the verdict threshold for {m['normal_after_fraction']:.0%}, {loops}; slowest morph "
+            f"{m['max_total_s']:.1f} s"]
+
+
 def render(r: dict) -> list[str]:
     """The morph lines of a category's results (`morph` and the paper's `morph_paper`); none when not measured."""
     out = []
@@ -129,11 +142,7 @@ def render(r: dict) -> list[str]:
                f"### Morph ({m['images']} defective test images, default settings (focus = {m['focus']:g}); "
                f"{sum(row['loops'] == 0 for row in m.get('rows', []))} of them already scored normal, needed no morph "
                f"and are left out of these figures)", "",
-               f"- judged by PatchCore (same backbone, threshold set on the held-out normal images as diffad's is; the morph "
-               f"never sees it): **{m['patchcore_normal_after_fraction']:.0%}** end normal",
-               f"- diffad's own score at the end: as low as the median normal part's for **{m['typical_after_fraction']:.0%}** "
-               f"(the stop rule), below the verdict threshold for {m['normal_after_fraction']:.0%}, within {m['max_loops']} loops "
-               f"(loops used: {', '.join(map(str, sorted(m['loops_used'])))}); slowest morph {m['max_total_s']:.1f} s",
+               *judged_lines(m),
                f"- PSNR outside the defect mask, morph vs input: **{m['median_psnr_outside_mask_db']:.1f} dB** (median)",
                f"- same for a plain diffusion reconstruction (noise to t = 200, denoise back): {m['median_reconstruction_psnr_outside_mask_db']:.1f} dB",
                f"- mean absolute change inside the mask: {m['median_abs_change_inside_mask']:.1f} grey levels (median)",
