@@ -10,7 +10,6 @@ import glob
 import os
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 from huggingface_hub import SpaceCard
