@@ -12,7 +12,7 @@ from benchmarks.baselines import PaDiM, PatchCore
 from benchmarks.common import fmt, metric_table
 from diffad import load_checkpoint
 from diffad.calibration import calibrate
-from diffad.evaluate import METRIC_NAMES, ScoredSet, Variant, metrics_for, score_test_set, validation_split
+from diffad.evaluate import METRIC_NAMES, ScoredSet, Variant, metrics_for, score_test_set, scoring_for_map, validation_split
 from diffad.metrics import evaluate_maps
 from diffad.postprocess import top_k_mean
 from diffad.train import checkpoint_split
@@ -24,12 +24,15 @@ def ablations(scoring, calibration) -> dict[str, Variant]:
     def variant(calibration=calibration, **changes) -> Variant:
         return Variant(replace(scoring, **changes), calibration)
 
+    def map_only(kind: str) -> Variant:  # the rows `diffad evaluate --map KIND` reproduces
+        return Variant(scoring_for_map(scoring, kind), calibration)
+
     return {
-        "diffad (default: KL + feature, t = 20/200/400)": variant(),
-        "pixel KL only": variant(alpha=1.0),
-        "feature only": variant(alpha=0.0),
+        "diffad (default: KL + feature, t = 20/200/400)": map_only("combined"),
+        "pixel KL only": map_only("kl"),
+        "feature only": map_only("feature"),
         "RGB error + feature (RGB baseline)": variant(pixel_kind="rgb"),
-        "RGB error only": variant(alpha=1.0, pixel_kind="rgb"),
+        "RGB error only": map_only("rgb"),
         "1 timestep (t = 20)": variant(timesteps=(20,)),
         "2 timesteps (20/200)": variant(timesteps=(20, 200)),
         "5 timesteps (5/20/100/200/400)": variant(timesteps=(5, 20, 100, 200, 400)),
