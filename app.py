@@ -302,10 +302,11 @@ def snap_timestep(analysis, t):
 
 
 @gpu
-def run_morph(registry: CheckpointRegistry, image_path, category, step_size, denoise_every, loops, seed, keep_normal=True):
+def run_morph(registry: CheckpointRegistry, image_path, category, step_size, denoise_every, loops, seed,
+              focus=MorphConfig.focus):
     config = MorphConfig(step_size=_finite(step_size, "step size"), denoise_every=int(_finite(denoise_every, "denoise every")),
                          max_loops=int(min(_finite(loops, "loops"), MAX_MORPH_LOOPS)), seed=int(_finite(seed, "seed")),
-                         focus=MorphConfig.focus if keep_normal else 0.0)
+                         focus=_finite(focus, "focus"))
     if not image_path:
         raise gr.Error("Upload a photo or pick an example first.", print_exception=False)
     try:
@@ -398,7 +399,8 @@ def _layout(categories, default, source_note) -> SimpleNamespace:
             ui.denoise_every = gr.Slider(1, 20, value=MorphConfig.denoise_every, step=1, label="Denoise every N_d steps")
             ui.loops = gr.Slider(1, MAX_MORPH_LOOPS, value=MorphConfig.max_loops, step=1, label="Max loops", elem_id="loops")
             ui.seed = gr.Number(MorphConfig.seed, precision=0, minimum=0, maximum=2**32 - 1, label="Seed")
-            ui.keep_normal = gr.Checkbox(True, label="Only change what looks anomalous (off: the paper's morph)")
+            ui.focus = gr.Slider(0, 4, value=MorphConfig.focus, step=0.5, label="Focus on what looks anomalous "
+                                 "(0: change everything, the paper's morph)", elem_id="focus")
         ui.morph = gr.Button("Morph", variant="primary", elem_id="morph")
         ui.morph_status = gr.Markdown(elem_id="morph-status")
         with gr.Row():
@@ -438,7 +440,7 @@ def _wire(ui: SimpleNamespace, registry: CheckpointRegistry) -> None:
     inputs = [ui.photo, ui.category]
     ui.api_trigger.click(bind(analyse_api, registry), inputs, outputs, api_name="analyse", concurrency_id="model")
     morphing = ui.morph.click(bind(run_morph, registry),
-                              [ui.photo, ui.category, ui.step_size, ui.denoise_every, ui.loops, ui.seed, ui.keep_normal],
+                              [ui.photo, ui.category, ui.step_size, ui.denoise_every, ui.loops, ui.seed, ui.focus],
                               [ui.frame, ui.frame_map, ui.morph_status, ui.compare, ui.downloads], api_name="morph",
                               concurrency_id="model")
     page = bind(analyse_page, registry)

@@ -30,7 +30,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     from gradio_client import Client, handle_file
 
-    from tests.app_server import running_app  # the same launch helper the app tests use
+    from benchmarks.app_server import running_app
 
     from diffad.morph import MorphConfig
 

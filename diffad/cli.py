@@ -176,7 +176,7 @@ def cmd_morph(args) -> int:
     for frame in morph(detector, args.image, config):
         frames.append(frame)
         state = " (scores like a typical normal part)" if frame.is_typical else " (under the verdict threshold)" if frame.is_normal else ""
-        print(f"step {frame.step:3d}: score {frame.score:.3f} energy {frame.energy:.0f}{state}")
+        print(f"step {frame.gradient_steps:3d}: score {frame.score:.3f} energy {frame.energy:.0f}{state}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = Path(args.image).stem

@@ -315,7 +315,7 @@ def step_colorbar() -> np.ndarray:
 def morph_status(frame, image_threshold: float, typical_score: float) -> str:
     reached = (" — scores like a typical normal part ✅" if frame.is_typical
                else " — under the verdict threshold" if frame.is_normal else "")
-    return (f"Step {frame.step} (loop {frame.loop}): score **{frame.score:.2f}** (verdict threshold {image_threshold:.2f}; "
+    return (f"Step {frame.gradient_steps} (loop {frame.loop}): score **{frame.score:.2f}** (verdict threshold {image_threshold:.2f}; "
             f"a typical normal part scores {typical_score:.2f}){reached}")
 
 

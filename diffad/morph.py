@@ -66,7 +66,7 @@ class MorphConfig:
 
 @dataclass
 class MorphFrame:
-    step: int  # gradient steps taken so far
+    gradient_steps: int  # taken so far
     loop: int
     image: torch.Tensor  # (3, R, R) in [-1, 1]
     anomaly_map: np.ndarray

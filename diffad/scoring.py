@@ -118,35 +118,38 @@ def raw_maps(
     noise: torch.Tensor,
     feature_pool=(1,),
     keep_images: bool = True,
+    forward_batch: int = 16,
 ) -> RawMaps:
-    """Raw maps for a batch of images (B, 3, R, R) at each timestep; one forward pass per timestep.
+    """Raw maps for a batch of images (B, 3, R, R) at each of T timesteps.
 
     `target_features` are the normalised backbone features of x0; `noise` (B, 3, R, R) is shared by all timesteps
-    so that the maps of one image differ only by the noise level. Pooling the feature residual over k x k cells
-    lets texture the head cannot predict cancel out while a defect, which shifts the features coherently, stays.
-    `keep_images`: also return x_t and x̂0 (for viewing; calibration does not need them).
+    so that the maps of one image differ only by the noise level. The B x T noised inputs go through the network
+    together, `forward_batch` at a time: one image's timesteps cost one forward, not T. Pooling the feature
+    residual over k x k cells lets texture the head cannot predict cancel out while a defect, which shifts the
+    features coherently, stays. `keep_images`: also return x_t and x̂0 (for viewing; calibration does not need them).
     """
-    size = x0.shape[-2:]
-    pools = pool_sizes(feature_pool)
-    kls, rgbs, xts, x0_hats = [], [], [], []
-    features: dict[int, list[torch.Tensor]] = {k: [] for k in pools}
-    for t in timesteps:
-        t_batch = torch.full((x0.shape[0],), int(t), dtype=torch.long, device=x0.device)
-        xt = diffusion.q_sample(x0, t_batch, noise)
-        out = net(xt, t_batch)
-        kls.append(diffusion.kl_map(x0, xt, t_batch, out.eps, out.v))
-        x0_hat = diffusion.predict_x0(xt, t_batch, out.eps).clamp(-1, 1)
-        rgbs.append((x0_hat - x0).abs().mean(dim=1))
-        if keep_images:
-            xts.append(xt)
-            x0_hats.append(x0_hat)
-        residual = out.features - target_features
-        for k in pools:
-            pooled = F.avg_pool2d(residual, k, stride=1, padding=k // 2, count_include_pad=False) if k > 1 else residual
-            squared = pooled.pow(2).mean(dim=1, keepdim=True)
-            features[k].append(F.interpolate(squared, size=size, mode="bilinear", align_corners=False)[:, 0])
+    timesteps = tuple(int(t) for t in timesteps)
+    b, n_t = x0.shape[0], len(timesteps)
+    # Row i * T + j is image i at timestep j.
+    x0_rows = x0.repeat_interleave(n_t, 0)
+    t_rows = torch.tensor(timesteps, dtype=torch.long, device=x0.device).repeat(b)
+    xt = diffusion.q_sample(x0_rows, t_rows, noise.repeat_interleave(n_t, 0))
+    outs = [net(xt[i : i + forward_batch], t_rows[i : i + forward_batch]) for i in range(0, len(xt), forward_batch)]
+    eps, v = torch.cat([o.eps for o in outs]), torch.cat([o.v for o in outs])
+    kl = diffusion.kl_map(x0_rows, xt, t_rows, eps, v)
+    x0_hat = diffusion.predict_x0(xt, t_rows, eps).clamp(-1, 1)
+    rgb = (x0_hat - x0_rows).abs().mean(dim=1)
+    residual = torch.cat([o.features for o in outs]) - target_features.repeat_interleave(n_t, 0)
+    features = {}
+    for k in pool_sizes(feature_pool):
+        pooled = F.avg_pool2d(residual, k, stride=1, padding=k // 2, count_include_pad=False) if k > 1 else residual
+        squared = pooled.pow(2).mean(dim=1, keepdim=True)
+        features[k] = F.interpolate(squared, size=x0.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+
+    def per_image(rows: torch.Tensor) -> torch.Tensor:
+        return rows.reshape(b, n_t, *rows.shape[1:])
+
     return RawMaps(
-        tuple(int(t) for t in timesteps), torch.stack(kls, 1), torch.stack(rgbs, 1),
-        {k: torch.stack(maps, 1) for k, maps in features.items()},
-        torch.stack(xts, 1) if keep_images else None, torch.stack(x0_hats, 1) if keep_images else None,
+        timesteps, per_image(kl), per_image(rgb), {k: per_image(m) for k, m in features.items()},
+        per_image(xt) if keep_images else None, per_image(x0_hat) if keep_images else None,
     )

@@ -81,7 +81,7 @@ def make_hub_cache(cache, repo_id, category, source, commit="0123456789abcdef012
 @pytest.fixture(scope="session")
 def app_server(tiny_checkpoint, tmp_path_factory):
     """The app on the shipped checkpoints, plus a Hub repo that is offline but cached locally (category "part")."""
-    from tests.app_server import running_app
+    from benchmarks.app_server import running_app
 
     hub_cache = tmp_path_factory.mktemp("hub_cache")
     make_hub_cache(hub_cache, "someone/diffad-checkpoints", "part", tiny_checkpoint)

@@ -204,7 +204,7 @@ def test_morph_clears_old_results_first_and_exports_a_steady_gif_at_the_input_si
 
     photo = tmp_path / "large.png"
     Image.open(EXAMPLES / "crack.png").convert("RGB").resize((512, 512), Image.BICUBIC).save(photo)
-    updates = list(app.run_morph(registry, str(photo), "bottle", 0.02, 5, 2, 0, True))
+    updates = list(app.run_morph(registry, str(photo), "bottle", 0.02, 5, 2, 0, 2.0))
     assert updates[0][3] is None and updates[0][4] is None  # before/after and downloads go at once
     assert all(u[3] is None and u[4] is None for u in updates[:-1])
     gif = Image.open(updates[-1][4][0])

@@ -206,6 +206,7 @@ API_CASES = [
     ("/morph", ("IMAGE", "part", 0.02, 5, -1, 0), "less than minimum"),
     ("/morph", ("IMAGE", "part", 0.02, 5, 2, -1), "less than minimum"),
     ("/morph", ("IMAGE", "part", 0.02, 5, 2, 1e30), "greater than maximum"),
+    ("/morph", ("IMAGE", "part", 0.02, 5, 2, 0, 5), "greater than maximum"),
     ("/morph", ("IMAGE", "../part", 0.02, 5, 2, 0), "not in the list of choices"),
     *[("/analyse", ("IMAGE", name), "not in the list of choices")
       for name in ("../../etc/passwd", "", "nope", "part/../part", "PART", "part\x00", "a" * 500)],

@@ -47,7 +47,7 @@ def test_frames_are_deterministic_and_exportable(detector, defective, tmp_path):
     config = MorphConfig(denoise_every=2, max_loops=3, stop_at="never", seed=3)
     frames = list(morph(detector, defective, config))
     again = list(morph(detector, defective, config))
-    assert [f.step for f in frames] == [0, 2, 4, 6] and [f.loop for f in frames] == [0, 1, 2, 3]
+    assert [f.gradient_steps for f in frames] == [0, 2, 4, 6] and [f.loop for f in frames] == [0, 1, 2, 3]
     for a, b in zip(frames, again):
         assert torch.equal(a.image, b.image) and a.score == b.score
     assert not torch.equal(frames[0].image, frames[-1].image)

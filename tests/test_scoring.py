@@ -101,3 +101,22 @@ def test_several_pool_sizes_average_their_calibrated_maps_and_survive_a_round_tr
     assert np.abs(after.maps["anomaly"] - before.maps["anomaly"]).max() > 0.1
     with pytest.raises(ValueError, match="feature_pool 5 is not among the sizes 1,3,9"):
         calibration.with_feature_pool(5)
+
+
+def test_timesteps_share_forwards_without_changing_each_others_maps(tiny_checkpoint, tiny_dataset):
+    detector = load_checkpoint(tiny_checkpoint)
+    images = torch.stack([detector.preprocess(p) for p in sorted((tiny_dataset / "test" / "hole").iterdir())[:3]])
+    noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(0))
+    features = detector.normalized_features(images)
+
+    def maps(timesteps, forward_batch):
+        return raw_maps(detector.net, detector.diffusion, images, features, timesteps, noise, forward_batch=forward_batch)
+
+    together = maps([20, 200, 400], forward_batch=4)  # 9 rows in forwards of 4, 4 and 1
+    for j, t in enumerate((20, 200, 400)):
+        alone = maps([t], forward_batch=1)
+        for name in ("kl", "rgb", "x0_hat"):
+            torch.testing.assert_close(getattr(together, name)[:, j], getattr(alone, name)[:, 0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(together.features[1][:, j], alone.features[1][:, 0], rtol=1e-4, atol=1e-5)
+    # Different timesteps do give different maps: the rows are not mixed up.
+    assert (together.kl[:, 0] - together.kl[:, 2]).abs().max() > 1e-3

@@ -97,7 +97,7 @@ def test_app_starts_offline_on_a_fresh_checkout_with_the_local_default(tmp_path)
     """The README's first command: no Hub repo configured, no network, the shipped default category."""
     from gradio_client import Client, handle_file
 
-    from tests.app_server import running_app
+    from benchmarks.app_server import running_app
 
     log_path = tmp_path / "app.log"
     env = {"HF_HUB_OFFLINE": "1", "DIFFAD_HUB_REPO": "", "HF_HUB_CACHE": str(tmp_path / "empty_cache"), "CPU_CORES": "1"}

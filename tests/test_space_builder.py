@@ -15,7 +15,7 @@ import pytest
 from huggingface_hub import SpaceCard
 
 from diffad.space import assemble
-from tests.app_server import free_port, wait_for
+from benchmarks.app_server import free_port, wait_for
 from tests.conftest import ROOT
 
 REPO, SHA = "someone/diffad-checkpoints", "0123456789abcdef0123456789abcdef01234567"

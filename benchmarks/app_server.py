@@ -1,4 +1,4 @@
-"""Launching `python app.py` on a free localhost port: shared by the app tests and the app benchmarks."""
+"""Launching `python app.py` on a free localhost port: shared by the app benchmarks and the app tests."""
 from __future__ import annotations
 
 import contextlib
