@@ -29,7 +29,8 @@ def measure(detector, root: Path, train_images: torch.Tensor, n_images: int = 8,
         # Per pixel, the KL is the squared x0 error divided by the learned variance (plus a variance-only term); the
         # variance can only move between the posterior's and beta_t, so this ratio bounds how much it can re-rank pixels.
         log_variance = detector.diffusion.model_log_variance(tt, out.v).mean(dim=1)
-        variance_range = float((detector.diffusion.betas[t].log() - detector.diffusion.posterior_log_variance_clipped[t]).exp())
+        step = detector.diffusion.reverse_step(1)
+        variance_range = float((step.log_beta[t] - step.log_variance[t]).exp())
         rows[t] = {"noise_std": float(detector.diffusion.sqrt_one_minus_alphas_cumprod[t]), "eps_mse": float((out.eps - noise).pow(2).mean()),
                    "x0_rmse": float((x0_hat - x0).pow(2).mean().sqrt()),
                    "mean_image_eps_mse": float((eps_from_mean - noise).pow(2).mean()),

@@ -110,18 +110,26 @@ class AnomalyDetector:
 
     @torch.no_grad()
     def raw_maps(self, images: torch.Tensor, timesteps=None, feature_pool=None, *, seed: int | None = None,
-                 keep_images: bool = True, batch_size: int = 8) -> RawMaps:
+                 keep_images: bool = True, batch_size: int = 8, scoring: ScoringConfig | None = None) -> RawMaps:
         """Raw maps of images (B, 3, R, R) at `timesteps` (default: the scoring's), in batches; deterministic for a
-        seed (default: the scoring's). `feature_pool`: the pooling sizes (default: the calibration's)."""
-        seed = self.scoring.seed if seed is None else seed
-        timesteps = self.validate_timesteps(self.scoring.timesteps if timesteps is None else timesteps)
+        seed (default: the scoring's). `feature_pool`: the pooling sizes (default: the calibration's). `scoring`
+        (default: the detector's) says how the noise is drawn and the KL taken."""
+        scoring = scoring or self.scoring
+        seed = scoring.seed if seed is None else seed
+        timesteps = self.validate_timesteps(scoring.timesteps if timesteps is None else timesteps)
         pools = self.calibration.feature_pool if feature_pool is None else feature_pool
-        noise = torch.randn(images.shape[1:], generator=torch.Generator().manual_seed(int(seed))).to(self.device)
+        def draw(seed: int) -> torch.Tensor:
+            return torch.randn(images.shape[1:], generator=torch.Generator().manual_seed(seed))
+
+        # Fresh noise: one draw per timestep, seeded by it, so a timestep's map never depends on the others asked for.
+        noise = torch.stack([draw(int(seed) * 1000 + t) for t in timesteps]) if scoring.fresh_noise else draw(int(seed))
+        noise = noise.to(self.device)
         parts = []
         for start in range(0, len(images), batch_size):
             x0 = images[start : start + batch_size].to(self.device)
             parts.append(raw_maps(self.net, self.diffusion, x0, self.normalized_features(x0), timesteps,
-                                  noise.expand_as(x0).contiguous(), pools, keep_images))
+                                  noise.expand(len(x0), *noise.shape).contiguous(), pools, keep_images,
+                                  kl_jump=scoring.kl_jump, clip_x0=scoring.clip_x0))
         return parts[0] if len(parts) == 1 else RawMaps.cat(parts)
 
     def predict(self, image, *, seed: int | None = None, view_timesteps=()) -> Prediction:

@@ -5,10 +5,21 @@ alphas_cumprod[t]. The schedule itself comes from diffusers' DDPMScheduler so th
 """
 from __future__ import annotations
 
+import functools
 import math
+from typing import NamedTuple
 
 import torch
 from diffusers import DDPMScheduler
+
+
+class ReverseStep(NamedTuple):
+    """Per-timestep coefficients of q(x_{t-jump} | x_t, x0) and the learned-variance range of p(x_{t-jump} | x_t)."""
+
+    mean_coef_x0: torch.Tensor
+    mean_coef_xt: torch.Tensor
+    log_variance: torch.Tensor  # of the true posterior (clipped); the learned range's lower end
+    log_beta: torch.Tensor  # the range's upper end
 
 
 class GaussianDiffusion:
@@ -23,22 +34,33 @@ class GaussianDiffusion:
         )
         self.num_timesteps = num_train_timesteps
         self.beta_schedule = beta_schedule
-        betas = self.scheduler.betas.double()
-        alphas_cumprod = self.scheduler.alphas_cumprod.double()
-        alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
-        self.betas = betas
-        self.alphas_cumprod = alphas_cumprod
-        self.sqrt_alphas_cumprod = alphas_cumprod.sqrt()
-        self.sqrt_one_minus_alphas_cumprod = (1 - alphas_cumprod).sqrt()
-        self.sqrt_recip_alphas_cumprod = (1 / alphas_cumprod).sqrt()
-        self.sqrt_recipm1_alphas_cumprod = (1 / alphas_cumprod - 1).sqrt()
-        self.posterior_variance = betas * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod)
-        # The variance is 0 at t = 0; clip its log to the t = 1 value as improved DDPM does.
-        self.posterior_log_variance_clipped = torch.log(
-            torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]])
+        self.alphas_cumprod = self.scheduler.alphas_cumprod.double()
+        self.sqrt_alphas_cumprod = self.alphas_cumprod.sqrt()
+        self.sqrt_one_minus_alphas_cumprod = (1 - self.alphas_cumprod).sqrt()
+        self.sqrt_recip_alphas_cumprod = (1 / self.alphas_cumprod).sqrt()
+        self.sqrt_recipm1_alphas_cumprod = (1 / self.alphas_cumprod - 1).sqrt()
+        self.betas = self.scheduler.betas.double()
+
+    @functools.lru_cache(maxsize=8)
+    def reverse_step(self, jump: int = 1) -> ReverseStep:
+        """Tables over t of the reverse step from t to t - jump. jump = 1 is the trained chain; jump = k is the step of
+        the chain respaced to every k-th timestep (guided-diffusion's SpacedDiffusion, diffusers' set_timesteps),
+        whose KL the paper's code scores. Steps that would end below t = 0 end at x0."""
+        if jump < 1 or jump >= self.num_timesteps:
+            raise ValueError(f"jump must be in [1, {self.num_timesteps - 1}], got {jump}")
+        abar = self.alphas_cumprod
+        t = torch.arange(self.num_timesteps)
+        abar_prev = torch.where(t >= jump, abar[(t - jump).clamp_min(0)], torch.ones_like(abar))
+        beta = 1 - abar / abar_prev
+        variance = beta * (1 - abar_prev) / (1 - abar)
+        # The variance is 0 where the step ends at x0; clip its log to the first step's, as improved DDPM does.
+        clipped = torch.where(t < jump, variance[jump], variance)
+        return ReverseStep(
+            mean_coef_x0=beta * abar_prev.sqrt() / (1 - abar),
+            mean_coef_xt=(1 - abar_prev) * (abar / abar_prev).sqrt() / (1 - abar),
+            log_variance=clipped.log(),
+            log_beta=beta.log(),
         )
-        self.posterior_mean_coef1 = betas * alphas_cumprod_prev.sqrt() / (1 - alphas_cumprod)
-        self.posterior_mean_coef2 = (1 - alphas_cumprod_prev) * (1 - betas).sqrt() / (1 - alphas_cumprod)
 
     @staticmethod
     def _gather(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -59,11 +81,12 @@ class GaussianDiffusion:
             self.sqrt_one_minus_alphas_cumprod, t, x0
         ) * noise
 
-    def q_posterior(self, x0: torch.Tensor, xt: torch.Tensor, t):
-        """Mean and log-variance of q(x_{t-1} | x_t, x0)."""
+    def q_posterior(self, x0: torch.Tensor, xt: torch.Tensor, t, jump: int = 1):
+        """Mean and log-variance of q(x_{t-jump} | x_t, x0)."""
         t = self._timesteps(t, xt.shape[0], xt.device)
-        mean = self._gather(self.posterior_mean_coef1, t, xt) * x0 + self._gather(self.posterior_mean_coef2, t, xt) * xt
-        return mean, self._gather(self.posterior_log_variance_clipped, t, xt).expand_as(xt)
+        step = self.reverse_step(jump)
+        mean = self._gather(step.mean_coef_x0, t, xt) * x0 + self._gather(step.mean_coef_xt, t, xt) * xt
+        return mean, self._gather(step.log_variance, t, xt).expand_as(xt)
 
     def predict_x0(self, xt: torch.Tensor, t, eps: torch.Tensor) -> torch.Tensor:
         t = self._timesteps(t, xt.shape[0], xt.device)
@@ -77,24 +100,30 @@ class GaussianDiffusion:
             self.sqrt_recipm1_alphas_cumprod, t, xt
         )
 
-    def model_log_variance(self, t, v: torch.Tensor) -> torch.Tensor:
+    def model_log_variance(self, t, v: torch.Tensor, jump: int = 1) -> torch.Tensor:
         """Improved-DDPM learned range: interpolate log(beta_t) and log(posterior variance) with v in [-1, 1]."""
         t = self._timesteps(t, v.shape[0], v.device)
-        min_log = self._gather(self.posterior_log_variance_clipped, t, v)
-        max_log = self._gather(torch.log(self.betas), t, v)
+        step = self.reverse_step(jump)
+        min_log = self._gather(step.log_variance, t, v)
+        max_log = self._gather(step.log_beta, t, v)
         frac = (v + 1) / 2
         return frac * max_log + (1 - frac) * min_log
 
-    def p_mean_variance(self, xt: torch.Tensor, t, eps: torch.Tensor, v: torch.Tensor):
-        """Mean, log-variance and x0-estimate of p(x_{t-1} | x_t) from the network's (eps, v) outputs."""
+    def p_mean_variance(self, xt: torch.Tensor, t, eps: torch.Tensor, v: torch.Tensor, jump: int = 1,
+                        clip_x0: bool = False):
+        """Mean, log-variance and x0-estimate of p(x_{t-jump} | x_t) from the network's (eps, v) outputs;
+        `clip_x0` clamps the estimate to the image range first (guided-diffusion's clip_denoised)."""
         x0_hat = self.predict_x0(xt, t, eps)
-        mean, _ = self.q_posterior(x0_hat, xt, t)
-        return mean, self.model_log_variance(t, v), x0_hat
+        if clip_x0:
+            x0_hat = x0_hat.clamp(-1, 1)
+        mean, _ = self.q_posterior(x0_hat, xt, t, jump)
+        return mean, self.model_log_variance(t, v, jump), x0_hat
 
-    def kl_map(self, x0: torch.Tensor, xt: torch.Tensor, t, eps: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Per-pixel KL(q(x_{t-1}|x_t,x0) || p(x_{t-1}|x_t)) in bits, averaged over channels: shape (B, H, W)."""
-        true_mean, true_log_var = self.q_posterior(x0, xt, t)
-        model_mean, model_log_var, _ = self.p_mean_variance(xt, t, eps, v)
+    def kl_map(self, x0: torch.Tensor, xt: torch.Tensor, t, eps: torch.Tensor, v: torch.Tensor, jump: int = 1,
+               clip_x0: bool = False) -> torch.Tensor:
+        """Per-pixel KL(q(x_{t-jump}|x_t,x0) || p(x_{t-jump}|x_t)) in bits, averaged over channels: shape (B, H, W)."""
+        true_mean, true_log_var = self.q_posterior(x0, xt, t, jump)
+        model_mean, model_log_var, _ = self.p_mean_variance(xt, t, eps, v, jump, clip_x0)
         return normal_kl(true_mean, true_log_var, model_mean, model_log_var).mean(dim=1) / math.log(2.0)
 
     def vlb_loss(self, x0, xt, t, eps, v) -> torch.Tensor:

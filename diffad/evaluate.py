@@ -48,8 +48,10 @@ def score_test_set(detector: AnomalyDetector, root, variants: dict[str, Variant]
     """Score every test image once at the union of the variants' timesteps and combine per variant."""
     variants = variants or {"default": Variant(detector.scoring, detector.calibration)}
     samples = list_test_samples(root)[:limit] if limit else list_test_samples(root)
-    timesteps = sorted({t for v in variants.values() for t in v.scoring.timesteps})
-    pools = sorted({k for v in variants.values() for k in v.calibration.feature_pool})
+    # Variants whose raw maps agree (same noise and KL options) share one model pass over the union of their needs.
+    groups: dict[tuple, list[str]] = {}
+    for name, variant in variants.items():
+        groups.setdefault(variant.scoring.raw_options, []).append(name)
     res = detector.resolution
     maps = {name: [] for name in variants}
     scores = {name: [] for name in variants}
@@ -68,11 +70,16 @@ def score_test_set(detector: AnomalyDetector, root, variants: dict[str, Variant]
         if not batch:
             continue
         masks += batch_masks
-        raw = detector.raw_maps(torch.stack(batch), timesteps, pools, keep_images=False, batch_size=batch_size)
-        for name, (scoring, calibration) in variants.items():
-            for combined in combine(normalise(raw, calibration, scoring), calibration, scoring):
-                maps[name].append(combined.anomaly.astype(np.float16))
-                scores[name].append(combined.score)
+        for names in groups.values():
+            timesteps = sorted({t for n in names for t in variants[n].scoring.timesteps})
+            pools = sorted({k for n in names for k in variants[n].calibration.feature_pool})
+            raw = detector.raw_maps(torch.stack(batch), timesteps, pools, keep_images=False, batch_size=batch_size,
+                                    scoring=variants[names[0]].scoring)
+            for name in names:
+                scoring, calibration = variants[name]
+                for combined in combine(normalise(raw, calibration, scoring), calibration, scoring):
+                    maps[name].append(combined.anomaly.astype(np.float16))
+                    scores[name].append(combined.score)
     if not kept:
         raise DataError(f"no readable test images under {root}")
     if skipped:

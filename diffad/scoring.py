@@ -49,12 +49,20 @@ class ScoringConfig:
     # images, so it is kept for the ablation only (benchmarks/results.md).
     normalisation: str = "calibrated"
     seed: int = 0
+    # The paper's code, as options: the KL of the step to t - kl_jump (its chain is respaced to 250 of 1000 steps,
+    # a jump of 4), with x̂0 clipped to the image range, and a new noise draw for every timestep rather than one
+    # shared draw. Each changes the raw maps, so each needs its own calibration.
+    kl_jump: int = 1
+    clip_x0: bool = False
+    fresh_noise: bool = False
 
     def __post_init__(self):
         if self.normalisation not in NORMALISATIONS:
             raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {self.normalisation!r}")
         if self.pixel_kind not in PIXEL_KINDS:
             raise ValueError(f"pixel_kind must be one of {PIXEL_KINDS}, got {self.pixel_kind!r}")
+        if not 1 <= self.kl_jump <= 100:
+            raise ValueError(f"kl_jump must be between 1 and 100 timesteps, got {self.kl_jump}")
         object.__setattr__(self, "timesteps", tuple(int(t) for t in self.timesteps))
 
     @classmethod
@@ -63,6 +71,11 @@ class ScoringConfig:
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)} | {"timesteps": list(self.timesteps)}
+
+    @property
+    def raw_options(self) -> tuple:
+        """What the raw maps depend on besides the timesteps: variants that agree here share one model pass."""
+        return self.kl_jump, self.clip_x0, self.fresh_noise
 
 
 def pool_sizes(value) -> tuple[int, ...]:
@@ -119,11 +132,14 @@ def raw_maps(
     feature_pool=(1,),
     keep_images: bool = True,
     forward_batch: int = 16,
+    kl_jump: int = 1,
+    clip_x0: bool = False,
 ) -> RawMaps:
     """Raw maps for a batch of images (B, 3, R, R) at each of T timesteps.
 
     `target_features` are the normalised backbone features of x0; `noise` (B, 3, R, R) is shared by all timesteps
-    so that the maps of one image differ only by the noise level. The B x T noised inputs go through the network
+    so that the maps of one image differ only by the noise level, or (B, T, 3, R, R) is one draw per timestep.
+    `kl_jump`, `clip_x0`: the KL's reverse step and clipping (ScoringConfig). The B x T noised inputs go through the network
     together, `forward_batch` at a time: one image's timesteps cost one forward, not T. Pooling the feature
     residual over k x k cells lets texture the head cannot predict cancel out while a defect, which shifts the
     features coherently, stays. `keep_images`: also return x_t and x̂0 (for viewing; calibration does not need them).
@@ -133,10 +149,11 @@ def raw_maps(
     # Row i * T + j is image i at timestep j.
     x0_rows = x0.repeat_interleave(n_t, 0)
     t_rows = torch.tensor(timesteps, dtype=torch.long, device=x0.device).repeat(b)
-    xt = diffusion.q_sample(x0_rows, t_rows, noise.repeat_interleave(n_t, 0))
+    noise_rows = noise.flatten(0, 1) if noise.dim() == 5 else noise.repeat_interleave(n_t, 0)
+    xt = diffusion.q_sample(x0_rows, t_rows, noise_rows)
     outs = [net(xt[i : i + forward_batch], t_rows[i : i + forward_batch]) for i in range(0, len(xt), forward_batch)]
     eps, v = torch.cat([o.eps for o in outs]), torch.cat([o.v for o in outs])
-    kl = diffusion.kl_map(x0_rows, xt, t_rows, eps, v)
+    kl = diffusion.kl_map(x0_rows, xt, t_rows, eps, v, kl_jump, clip_x0)
     x0_hat = diffusion.predict_x0(xt, t_rows, eps).clamp(-1, 1)
     rgb = (x0_hat - x0_rows).abs().mean(dim=1)
     residual = torch.cat([o.features for o in outs]) - target_features.repeat_interleave(n_t, 0)

@@ -120,3 +120,29 @@ def test_timesteps_share_forwards_without_changing_each_others_maps(tiny_checkpo
         torch.testing.assert_close(together.features[1][:, j], alone.features[1][:, 0], rtol=1e-4, atol=1e-5)
     # Different timesteps do give different maps: the rows are not mixed up.
     assert (together.kl[:, 0] - together.kl[:, 2]).abs().max() > 1e-3
+
+
+def test_the_papers_scoring_options_change_only_what_they_say(tiny_checkpoint, tiny_dataset):
+    from dataclasses import replace
+
+    from diffad.scoring import ScoringConfig
+
+    detector = load_checkpoint(tiny_checkpoint)
+    images = torch.stack([detector.preprocess(p) for p in sorted((tiny_dataset / "test" / "hole").iterdir())[:2]])
+    base = replace(detector.scoring, timesteps=(20, 200))
+
+    def maps(timesteps=(20, 200), **options):
+        return detector.raw_maps(images, timesteps, scoring=replace(base, **options))
+
+    shared = maps()
+    # Fresh noise: another x_t per timestep, and a timestep's map does not depend on which others are asked for.
+    fresh = maps(fresh_noise=True)
+    assert not torch.allclose(fresh.xt[:, 1], shared.xt[:, 1])
+    torch.testing.assert_close(maps((200,), fresh_noise=True).kl[:, 0], fresh.kl[:, 1], rtol=1e-4, atol=1e-6)
+    # A longer reverse step changes the KL, not the network's answer.
+    jumped = maps(kl_jump=4)
+    torch.testing.assert_close(jumped.x0_hat, shared.x0_hat)
+    assert not torch.allclose(jumped.kl, shared.kl)
+    with pytest.raises(ValueError, match="kl_jump"):
+        ScoringConfig(kl_jump=0)
+    assert ScoringConfig(kl_jump=4).raw_options != ScoringConfig().raw_options
