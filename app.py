@@ -52,8 +52,10 @@ from diffad.demo import (
     verdict_markdown,
 )
 from diffad.morph import MorphConfig, before_after, export_mp4, morph, typical_normal_score
+from diffad.paint import as_rgb, auroc_sentence, canvas, painted_mask, pixel_auroc, place_defect
 from diffad.registry import CheckpointRegistry
 from diffad.space import hub_source
+from diffad.synth import DEFECT_TYPES
 from diffad.visualize import anomaly_picture
 from photo_input import PhotoInput
 
@@ -162,13 +164,13 @@ def _load(registry: CheckpointRegistry, category: str):
         raise InputProblem(str(exc)) from exc
 
 
-def _analysis(registry: CheckpointRegistry, image_path, category, progress) -> Analysis:
+def _analysis(registry: CheckpointRegistry, image_path, category, progress, known_mask=None) -> Analysis:
+    """`known_mask`: the defect's true pixels (a painting's); by default an example's own mask, if it is one."""
     if not image_path:
         raise InputProblem("Upload a photo or pick an example first.")
     progress(0.1, desc=f"loading {category}")
     detector, origin = _load(registry, category)
-    known = examples_by_hash().get(sha256_of(image_path)) if Path(image_path).is_file() else None
-    known_mask = None
+    known = examples_by_hash().get(sha256_of(image_path)) if known_mask is None and Path(image_path).is_file() else None
     if known and known.get("mask_path") and known["category"] == category:
         known_mask = np.asarray(read_image(known["mask_path"]).convert("L")) > 127
     progress(0.3, desc="noising and denoising")
@@ -269,6 +271,94 @@ def analyse_page(registry: CheckpointRegistry, image_path, category, token, requ
     if request is not None and not REQUESTS.is_latest(request.session_hash, token):
         return tuple(gr.skip() for _ in range(len(outputs) + 1))
     return *outputs, token
+
+
+PAINT_KINDS = {kind.replace("_", " "): kind for kind in DEFECT_TYPES}
+# The brush's palette: dark and light marks show on both dark and bright parts; the picker offers any other colour.
+PAINT_COLOURS = ["#141414", "#f0f0f0", "rgb(120, 80, 40)", "rgb(204, 50, 50)", "rgb(50, 112, 204)"]
+NOTHING_PAINTED = ("Nothing is painted yet: draw on the photo with the brush, or choose a defect and click where it "
+                   "goes on the picture beside the editor.")
+
+
+def _editor_images(edited) -> tuple[np.ndarray, np.ndarray]:
+    """(the photo under the painting, the painting) as RGB arrays from the image editor's value."""
+    if not edited or edited.get("background") is None:
+        raise gr.Error("Put a photo in the editor first: start from the current photo or a normal example, or "
+                       "upload one into it.", print_exception=False)
+    composite = edited.get("composite")
+    try:
+        return as_rgb(edited["background"]), as_rgb(edited["background"] if composite is None else composite)
+    except DataError as exc:
+        raise gr.Error(str(exc), print_exception=False) from exc
+
+
+def start_painting(source: str, photo, category):
+    """The editor and the click target loaded with the current photo ("photo") or a normal example ("example")."""
+    if source == "example":
+        normals = sorted(e["path"] for e in examples_by_hash().values()
+                         if e["category"] == category and e.get("kind") == "normal")
+        if not normals:
+            raise gr.Error(f"No normal `{category}` example ships with the app: upload a photo into the editor.",
+                           print_exception=False)
+        photo = normals[0]
+    elif not photo:
+        raise gr.Error("Upload a photo or pick an example first, or start from a normal example.", print_exception=False)
+    try:
+        image = canvas(photo)
+    except DataError as exc:
+        raise gr.Error(str(exc).replace(str(photo), Path(photo).name), print_exception=False) from exc
+    return {"background": image, "layers": [], "composite": image}, image
+
+
+def paint_tab_opened(edited, photo, category):
+    """Opening the tab with an empty editor fills it: the current photo, else a normal example of the category."""
+    if edited and edited.get("background") is not None:
+        return gr.skip(), gr.skip()
+    for source in ("photo", "example"):
+        try:
+            return start_painting(source, photo, category)
+        except gr.Error:
+            continue
+    return gr.skip(), gr.skip()
+
+
+def place_clicked(edited, kind_label, size, evt: gr.SelectData):
+    """A click on the picture beside the editor: one defect of the chosen kind there, as a new layer of the painting."""
+    _, painting = _editor_images(edited)
+    kind = PAINT_KINDS.get(kind_label)
+    if kind is None:
+        raise gr.Error(f"Unknown defect {kind_label!r}; choose one of: {', '.join(PAINT_KINDS)}", print_exception=False)
+    layers = list(edited.get("layers") or [])
+    try:  # each placement a different defect of its kind, the same ones for the same clicks
+        result, _, layer = place_defect(painting, kind, tuple(evt.index), seed=len(layers), size=_finite(size, "defect size"))
+    except ValueError as exc:
+        raise gr.Error(str(exc), print_exception=False) from exc
+    return {"background": edited["background"], "layers": [*layers, layer], "composite": result}, result
+
+
+@gpu
+def analyse_painting(registry: CheckpointRegistry, edited, category, request: gr.Request, progress=gr.Progress()):
+    """Analyse my defect: the painting becomes the current photo (the timesteps and the morph then work on it) and is
+    analysed with the painted pixels as its known defect; the tab shows the map and how well it finds them."""
+    background, painting = _editor_images(edited)
+    try:
+        mask = painted_mask(background, painting)
+    except ValueError as exc:
+        raise gr.Error(str(exc), print_exception=False) from exc
+    if not mask.any():
+        raise gr.Error(NOTHING_PAINTED, print_exception=False)
+    token = REQUESTS.new(request.session_hash) if request is not None else None
+    path = picture_file(painting)
+    try:
+        analysis = _analysis(registry, path, category, progress, known_mask=mask)
+    except InputProblem as exc:
+        raise gr.Error(str(exc).replace(path, "your painting"), print_exception=False) from exc
+    outputs = analysis_outputs(analysis)
+    if request is not None and not REQUESTS.is_latest(request.session_hash, token):  # another photo was chosen since
+        return tuple(gr.skip() for _ in range(len(outputs) + 3))
+    found = auroc_sentence(pixel_auroc(analysis.maps["anomaly"], analysis.known_mask), analysis.known_mask)
+    verdict, picture = outputs[1], outputs[3]
+    return *outputs, path, picture, f"{verdict}\n\n{found}"
 
 
 def redraw(analysis, map_label, mask_threshold, image_threshold):
@@ -409,10 +499,39 @@ def _layout(categories, default, source_note) -> SimpleNamespace:
         ui.compare = gr.ImageSlider(label="Before / after", interactive=False, elem_id="compare")
         ui.downloads = gr.File(label="Download (GIF, MP4, before/after PNG)", file_count="multiple", interactive=False,
                                elem_id="downloads")
+    _paint_tab(ui)
     with gr.Accordion("How it works", open=False):
         gr.Markdown(HOW_IT_WORKS)
     ui.api_trigger = gr.Button(visible=False)  # /analyse for API clients: errors raised, not shown as a message
     return ui
+
+
+def _paint_tab(ui: SimpleNamespace) -> None:
+    with gr.Tab("Paint a defect", elem_id="paint-tab") as ui.paint_tab:
+        gr.Markdown("Make your own defect: paint on the photo with the brush, or choose a kind of defect and click "
+                    "where it goes on the picture beside the editor. What you change is the ground truth, and the "
+                    "analysis says how well the map finds it. Your painting becomes the photo above, so the timesteps "
+                    "and the morph then work on it.")
+        with gr.Row():
+            ui.paint_from_photo = gr.Button("Start from the current photo", size="sm", elem_id="paint-from-photo")
+            ui.paint_from_example = gr.Button("Start from a normal example", size="sm", elem_id="paint-from-example")
+        with gr.Row():
+            # PNG and no crop or resize: the photo under the painting must stay pixel for pixel what it was, since
+            # the painted pixels are found by comparing the two.
+            ui.editor = gr.ImageEditor(type="numpy", image_mode="RGBA", format="png", transforms=(),
+                                       sources=["upload", "clipboard"], brush=gr.Brush(colors=PAINT_COLOURS),
+                                       label="Your painting (Layers: hide or delete a placed defect)",
+                                       elem_id="paint-editor", height=460, scale=3)
+            with gr.Column(scale=2):
+                ui.paint_kind = gr.Dropdown(list(PAINT_KINDS), value=next(iter(PAINT_KINDS)), label="Defect to place",
+                                            elem_id="paint-kind")
+                ui.paint_size = gr.Slider(0.1, 1.0, value=0.5, step=0.05, label="Its size", elem_id="paint-size")
+                ui.click_target = gr.Image(label="Click here to place it", interactive=False, elem_id="paint-click",
+                                           height=300, buttons=[])
+        ui.paint_analyse = gr.Button("Analyse my defect", variant="primary", elem_id="paint-analyse")
+        ui.paint_text = gr.Markdown(elem_id="paint-text")
+        ui.paint_map = gr.Image(label="Anomaly map (white outline: what you painted; green: flagged area)",
+                                interactive=False, elem_id="paint-map", height=460)
 
 
 def bind(handler, registry: CheckpointRegistry):
@@ -466,6 +585,26 @@ def _wire(ui: SimpleNamespace, registry: CheckpointRegistry) -> None:
     ui.t_slider.change(scrub, [ui.state, ui.t_slider], [ui.xt, ui.x0, ui.kl, ui.feat, ui.step_text], api_name="timestep",
                        concurrency_limit=None, show_progress="hidden")
     ui.t_slider.release(snap_timestep, [ui.state, ui.t_slider], [ui.t_slider], api_visibility="private", queue=False)
+    _wire_paint(ui, registry, outputs, morphing)
+
+
+def _wire_paint(ui: SimpleNamespace, registry: CheckpointRegistry, outputs: list, morphing) -> None:
+    painting = [ui.editor, ui.click_target]
+    for source, button in (("photo", ui.paint_from_photo), ("example", ui.paint_from_example)):
+        # Queued, though quick: the gr.Error of an unqueued event never reaches the page.
+        button.click(functools.partial(start_painting, source), [ui.photo, ui.category], painting,
+                     api_visibility="private", concurrency_limit=None)
+    ui.paint_tab.select(paint_tab_opened, [ui.editor, ui.photo, ui.category], painting, api_visibility="private",
+                        queue=False)
+    # The click target follows the brush, so that defects are placed knowing where the paint is.
+    ui.editor.change(lambda edited: edited and edited["composite"], [ui.editor], [ui.click_target],
+                     api_visibility="private", queue=False, show_progress="hidden")
+    ui.click_target.select(place_clicked, [ui.editor, ui.paint_kind, ui.paint_size], painting, api_visibility="private",
+                           show_progress="hidden")
+    # Its results replace the current photo's, so a morph of that photo stops (as for a new photo).
+    ui.paint_analyse.click(bind(analyse_painting, registry), [ui.editor, ui.category],
+                           outputs + [ui.photo, ui.paint_map, ui.paint_text], api_name="paint", concurrency_id="model",
+                           cancels=[morphing], show_progress_on=[ui.paint_map])
 
 
 def _finite(value, name: str) -> float:

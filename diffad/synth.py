@@ -1,7 +1,8 @@
 """Synthetic defects with exact masks: scratches, cracks, holes, stains, particles, colour spots and uneven patches.
 
 Every generator takes an (H, W, 3) uint8 image and a numpy Generator and returns (defective image, bool mask); the
-mask is exactly the set of pixels that changed. `size` in (0, 1] scales the defect with the image.
+mask is exactly the set of pixels that changed. `size` in (0, 1] scales the defect with the image; add_defect can
+also put it at a chosen point (the app's "place with a click").
 """
 from __future__ import annotations
 
@@ -132,8 +133,11 @@ def uneven(image, rng, size=0.5):
 GENERATORS = {"scratch": scratch, "crack": crack, "hole": hole, "stain": stain, "particle": particle, "colour_spot": colour_spot, "uneven": uneven}
 
 
-def add_defect(image: np.ndarray, kind: str, seed: int = 0, size: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
-    """Apply one defect of `kind` to an (H, W, 3) uint8 image; returns (image, mask). Deterministic for a seed."""
+def add_defect(image: np.ndarray, kind: str, seed: int = 0, size: float = 0.5,
+               centre: tuple[float, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Apply one defect of `kind` to an (H, W, 3) uint8 image; returns (image, mask). Deterministic for a seed.
+
+    `centre`: (x, y) in pixels where the defect's centre of mass goes; by default the seed places it."""
     if kind not in GENERATORS:
         raise ValueError(f"unknown defect type {kind!r}; choose from {', '.join(DEFECT_TYPES)}")
     if not 0 < size <= 1:
@@ -141,7 +145,35 @@ def add_defect(image: np.ndarray, kind: str, seed: int = 0, size: float = 0.5) -
     image = np.ascontiguousarray(image, dtype=np.uint8)
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) image, got shape {image.shape}")
-    return GENERATORS[kind](image, np.random.default_rng(seed), size)
+    if centre is None:
+        return GENERATORS[kind](image, np.random.default_rng(seed), size)
+    return _moved_defect(image, kind, seed, size, centre)
+
+
+def _moved_defect(image: np.ndarray, kind: str, seed: int, size: float, centre) -> tuple[np.ndarray, np.ndarray]:
+    """The seed's defect with its centre of mass moved to `centre`. The generators place defects themselves (and
+    their seeded outputs must not change), so the image is shifted under the defect instead: the defect is drawn on
+    a copy shifted so that `centre` sits where the seed puts it, and its pixels are copied back, shifted the other way.
+    Parts that would fall outside the image are dropped."""
+    h, w = image.shape[:2]
+    x, y = float(centre[0]), float(centre[1])
+    if not (0 <= x < w and 0 <= y < h):
+        raise ValueError(f"centre {centre} is outside the {w}x{h} image")
+    _, natural = GENERATORS[kind](image, np.random.default_rng(seed), size)
+    if not natural.any():  # nothing changed (a flat image the colour of the defect): nothing to move
+        return image.copy(), natural
+    rows, cols = np.nonzero(natural)
+    dy, dx = round(y - rows.mean()), round(x - cols.mean())
+    # shifted[r, c] = image[r + dy, c + dx], edges repeated where that falls outside.
+    shifted = image[np.clip(np.arange(h) + dy, 0, h - 1)][:, np.clip(np.arange(w) + dx, 0, w - 1)]
+    drawn, mask = GENERATORS[kind](shifted, np.random.default_rng(seed), size)
+    rows, cols = np.nonzero(mask)
+    inside = (rows + dy >= 0) & (rows + dy < h) & (cols + dx >= 0) & (cols + dx < w)
+    rows, cols = rows[inside], cols[inside]
+    result, moved = image.copy(), np.zeros((h, w), dtype=bool)
+    result[rows + dy, cols + dx] = drawn[rows, cols]
+    moved[rows + dy, cols + dx] = True
+    return result, moved
 
 
 def textured_part(size: int = 64, seed: int = 0) -> np.ndarray:

@@ -280,3 +280,84 @@ def test_the_morph_says_what_it_reached_and_what_to_try_when_loops_run_out():
     assert "scores like a typical normal part" in end(True, True) and "Try" not in end(True, True)
     assert "under the verdict threshold, but still above a typical normal part" in end(False, True) and "Try more loops" in end(False, True)
     assert "still scores as anomalous" in end(False, False) and "Try more loops" in end(False, False)
+
+
+def painting_of(photo: np.ndarray, painted: np.ndarray) -> dict:
+    """The image editor's value (type numpy, RGBA) for a photo and its painted version, nothing in layers."""
+    def rgba(a):
+        return np.dstack([a, np.full(a.shape[:2], 255, np.uint8)])
+
+    return {"background": rgba(photo), "layers": [], "composite": rgba(painted)}
+
+
+def test_paint_a_defect_through_the_api_and_scrub_it(client, tmp_path):
+    import re
+
+    from gradio_client import handle_file
+
+    from diffad.synth import add_defect, textured_part
+
+    photo = textured_part(64, seed=300)
+    painted, _ = add_defect(photo, "colour_spot", seed=0, size=1.0, centre=(40, 24))
+    for name, picture in (("photo.png", photo), ("painted.png", painted)):
+        Image.fromarray(picture).save(tmp_path / name)
+    value = {"background": handle_file(str(tmp_path / "photo.png")), "layers": [],
+             "composite": handle_file(str(tmp_path / "painted.png"))}
+    result = client.predict(value, "part", api_name="/paint")
+    assert len(result) == len(OUT) + 3
+    *analysis, photo_path, paint_map, text = result
+    details = analysis[OUT["details"]]
+    assert details["checkpoint"] == "Hub: someone/diffad-checkpoints/part"
+    assert ("Anomalous" if details["verdict"] == "anomalous" else "Normal") in text
+    found = re.search(r"The map finds your painted defect with pixel AUROC \*\*([01]\.\d\d)\*\* \(1\.0 = perfect, 0\.5 = chance\)", text)
+    assert found and 0 <= float(found.group(1)) <= 1, text
+    assert Path(paint_map).is_file() and paint_map.endswith(Path(analysis[OUT["map"]]).name)
+    # The painting became the photo: the timestep panels (and the morph) now work on it.
+    assert np.array_equal(np.asarray(Image.open(photo_path).convert("RGB")), painted)
+    assert "t = 20" in client.predict(20, api_name="/timestep")[4]
+
+    same = {"background": value["background"], "layers": [], "composite": value["background"]}
+    with pytest.raises(Exception, match="Nothing is painted yet"):
+        client.predict(same, "part", api_name="/paint")
+
+
+def test_painting_without_a_photo_or_paint_gives_a_clear_error(registry):
+    import gradio as gr
+
+    import app
+
+    photo = np.asarray(Image.open(EXAMPLES / "normal_0.png").convert("RGB"))
+    for edited, message in ((None, "Put a photo in the editor first"),
+                            ({"background": None, "layers": [], "composite": None}, "Put a photo in the editor first"),
+                            (painting_of(photo, photo), "Nothing is painted yet"),
+                            (painting_of(photo, photo[:200]), "256×200 px but the photo under it is 256×256 px")):
+        with pytest.raises(gr.Error, match=message):
+            app.analyse_painting(registry, edited, "bottle", None, no_progress)
+    with pytest.raises(gr.Error, match="Upload a photo or pick an example first"):
+        app.start_painting("photo", None, "bottle")
+    with pytest.raises(gr.Error, match="No normal `part` example"):
+        app.start_painting("example", None, "part")
+    with pytest.raises(gr.Error, match="Put a photo in the editor first"):
+        app.place_clicked(None, "hole", 0.5, SimpleNamespace(index=[10, 10]))
+
+
+def test_a_defect_placed_with_a_click_on_a_normal_example_is_found_by_the_map(registry):
+    import app
+    from diffad.paint import painted_mask
+
+    edited, shown = app.start_painting("example", None, "bottle")
+    assert np.array_equal(shown, np.asarray(Image.open(EXAMPLES / "normal_0.png").convert("RGB")))
+    edited["layers"] = [np.zeros((*shown.shape[:2], 4), np.uint8)]  # the editor's own empty layer
+    edited, shown = app.place_clicked(edited, "hole", 0.5, SimpleNamespace(index=[150, 90]))
+    assert len(edited["layers"]) == 2 and np.array_equal(edited["composite"], shown)
+    mask = painted_mask(edited["background"], edited["composite"])
+    rows, cols = np.nonzero(mask)
+    assert abs(cols.mean() - 150) < 4 and abs(rows.mean() - 90) < 4
+
+    outputs = app.analyse_painting(registry, edited, "bottle", None, no_progress)
+    analysis, text = outputs[0], outputs[-1]
+    assert analysis.known_mask is not None and analysis.known_mask.any()  # the painting is its known defect
+    assert "Anomalous" in text and outputs[-2] == outputs[3]  # the map shown in the tab is the map above
+    value = float(text.split("pixel AUROC **")[1][:4])
+    assert value > 0.9, text
+    assert np.array_equal(np.asarray(Image.open(outputs[-3]).convert("RGB")), shown)

@@ -172,3 +172,33 @@ def test_bad_input_gets_one_clear_message(page, shots, tmp_path):
     page.set_input_files("#photo input[type=file]", str(tiny))
     wait_text(page, "#verdict", "Score", "only 8×8 px")
     assert error_pills(page) == 0
+
+
+def test_paint_a_defect_place_one_with_a_click_and_analyse_it(page, shots):
+    page.get_by_role("tab", name="Paint a defect").click()
+    page.click("#paint-from-example")
+    wait_image(page, "#paint-click")
+    # Nothing painted yet: a clear message, no analysis.
+    page.click("#paint-analyse")
+    page.get_by_text("Nothing is painted yet").first.wait_for(timeout=60_000)
+
+    page.locator("#paint-kind input").click()
+    page.get_by_role("option", name="hole").click()
+    before = page.get_attribute("#paint-click img", "src")
+    box = page.locator("#paint-click img").bounding_box()
+    page.mouse.click(box["x"] + box["width"] * 0.6, box["y"] + box["height"] * 0.35)
+    page.wait_for_function("b => document.querySelector('#paint-click img')?.src !== b", arg=before, timeout=60_000)
+    # A brush stroke too (the editor's default tool).
+    area = page.locator("#paint-editor canvas").first.bounding_box()
+    page.mouse.move(area["x"] + area["width"] * 0.35, area["y"] + area["height"] * 0.7)
+    page.mouse.down()
+    page.mouse.move(area["x"] + area["width"] * 0.45, area["y"] + area["height"] * 0.7, steps=8)
+    page.mouse.up()
+
+    page.click("#paint-analyse")
+    wait_text(page, "#paint-text", "Score", "The map finds your painted defect with pixel AUROC", "0.5 = chance")
+    wait_image(page, "#paint-map")
+    wait_text(page, "#verdict", "Score")  # the painting is now the photo the page shows and explores
+    assert text(page, "#paint-text").split("\n")[0] == text(page, "#verdict").split("\n")[0]
+    assert error_pills(page) == 0
+    page.locator("#paint-tab").screenshot(path=str(shots / "6_paint.png"))

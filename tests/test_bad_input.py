@@ -221,6 +221,9 @@ RAW_CASES = [
     ("morph", '[null, "part", 0.02, 5, 2, NaN, true]', "cannot convert float NaN to integer"),
     ("analyse", '[null, "part"]', "Upload a photo"),
     ("analyse", '[{"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}, "part"]', "Cannot move|not allowed|File not found"),
+    ("paint", '[null, "part"]', "Put a photo in the editor first"),
+    ("paint", '[{"background": {"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}, "layers": [], "composite": null}, '
+              '"part"]', "Cannot move|not allowed|File not found"),
 ]
 BAD_UPLOADS = {name: FILE_CASES[name][0] for name in
                ("empty.png", "text.png", "doc.pdf", "truncated_20.png", "truncated_50.jpg", "flipped_0.gif")}
