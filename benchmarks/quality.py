@@ -37,7 +37,8 @@ def ablations(scoring, calibration) -> dict[str, Variant]:
         "2 timesteps (20/200)": variant(timesteps=(20, 200)),
         "5 timesteps (5/20/100/200/400)": variant(timesteps=(5, 20, 100, 200, 400)),
         "default + Gaussian smoothing (sigma 4)": variant(replace(calibration, smoothing_sigma=4.0)),
-        "one normal mean per timestep, not per position": variant(centre_by_position=False),
+        "one normal mean per timestep, no map centred per position": variant(centre_by_position=()),
+        "every map centred per position (pixel maps too)": variant(centre_by_position=("kl", "rgb", "feature")),
         "every map z-normalised by its own mean and std, per image": variant(normalisation="per_image"),
         "pixel KL only, z-normalised per image (the paper's code)": variant(alpha=1.0, normalisation="per_image"),
     }
@@ -74,15 +75,31 @@ def pooling_name(pools, stride: int) -> str:
     return f"feature residual pooled over {', '.join(f'{k}x{k}' for k in pools)} cells, the calibrated maps averaged"
 
 
-def pooled_feature_sets(checkpoint: Path, holdout: torch.Tensor, root: Path, pools) -> dict[str, ScoredSet]:
-    """The default and feature-only scores with the feature residual averaged over these pooling sizes."""
-    pooled = load_checkpoint(checkpoint)
-    pooled.calibration = calibrate(pooled, holdout, timesteps=pooled.scoring.timesteps, feature_pool=pools,
-                                   smoothing_sigma=pooled.calibration.smoothing_sigma)
-    name = pooling_name(pooled.calibration.feature_pool, pooled.backbone.stride)
-    scoring, calibration = pooled.scoring, pooled.calibration
-    return score_test_set(pooled, root, {name: Variant(scoring, calibration),
-                                         f"{name}, feature only": Variant(dataclasses.replace(scoring, alpha=0.0), calibration)})
+def recalibrated_sets(checkpoint: Path, holdout: torch.Tensor, root: Path, pools=None, **scoring_changes) -> dict[str, ScoredSet]:
+    """The default, feature-only and KL-only scores with other feature pooling or raw-map options, calibrated anew
+    on the checkpoint's held-out images (the smoothing kept)."""
+    detector = load_checkpoint(checkpoint)
+    detector.scoring = dataclasses.replace(detector.scoring, **scoring_changes)
+    detector.calibration = calibrate(detector, holdout, timesteps=(), feature_pool=pools,
+                                     smoothing_sigma=detector.calibration.smoothing_sigma)
+    scoring, calibration = detector.scoring, detector.calibration
+    if scoring_changes:
+        name = PAPER_OPTION_NAMES[tuple(sorted(scoring_changes))]
+        kinds = {name: "combined", f"{name}, pixel KL only": "kl"}
+    else:
+        name = pooling_name(calibration.feature_pool, detector.backbone.stride)
+        kinds = {name: "combined", f"{name}, feature only": "feature"}
+    return score_test_set(detector, root, {n: Variant(scoring_for_map(scoring, kind), calibration) for n, kind in kinds.items()})
+
+
+# The paper's code's scoring details (ScoringConfig), one at a time and together.
+PAPER_OPTIONS = ({"kl_jump": 4}, {"clip_x0": True}, {"fresh_noise": True}, {"kl_jump": 4, "clip_x0": True, "fresh_noise": True})
+PAPER_OPTION_NAMES = {
+    ("kl_jump",): "KL of the respaced step t -> t-4 (250-step chain)",
+    ("clip_x0",): "x̂0 clipped in the KL",
+    ("fresh_noise",): "fresh noise per timestep",
+    ("clip_x0", "fresh_noise", "kl_jump"): "all three of the paper code's scoring details",
+}
 
 
 def baseline_sets(train_images: torch.Tensor, test: torch.Tensor, backbone, reference: ScoredSet) -> tuple[dict[str, dict], dict[str, ScoredSet]]:
@@ -112,7 +129,7 @@ def evaluation_split_metrics(sets: dict[str, ScoredSet]) -> dict:
 def measure(detector, checkpoint: Path, root: Path, ablation: str = "full") -> dict:
     """Metrics, ablation, baselines and the evaluation split of one category; also returns the default ScoredSet."""
     chosen = ablations(detector.scoring, detector.calibration)
-    if ablation == "core":
+    if ablation in ("core", "paper"):
         chosen = dict(list(chosen.items())[:5])
     print(f"[{detector.category}] scoring the test split with {len(chosen)} variants")
     variants = score_test_set(detector, root, chosen)
@@ -135,9 +152,14 @@ def measure(detector, checkpoint: Path, root: Path, ablation: str = "full") -> d
             if pools == detector.calibration.feature_pool:
                 continue
             print(f"[{detector.category}] feature residual pooled over {pools}")
-            for name, s in pooled_feature_sets(checkpoint, holdout, root, pools).items():
+            for name, s in recalibrated_sets(checkpoint, holdout, root, pools).items():
                 r.setdefault("pooled", {})[name] = metrics_for(s)
                 r["ablation"][name] = r["pooled"][name]["overall"]
+    if ablation in ("full", "paper"):
+        for options in PAPER_OPTIONS:
+            print(f"[{detector.category}] scoring options {options}")
+            for name, s in recalibrated_sets(checkpoint, holdout, root, **options).items():
+                r["ablation"][name] = evaluate_maps(s.labels, s.scores, s.masks, s.maps)
     print(f"[{detector.category}] baselines")
     r["baselines"], baselines = baseline_sets(train_images, test, detector.backbone, default)
     r["evaluation_split"] = evaluation_split_metrics({"diffad": default, **baselines})

@@ -82,7 +82,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--morph-images", type=int, default=12)
     parser.add_argument("--out", default=str(ROOT / "benchmarks"))
-    parser.add_argument("--ablation", choices=["full", "core"], default="full", help="core: KL/feature/RGB variants only")
+    parser.add_argument("--ablation", choices=["full", "core", "paper"], default="full",
+                        help="core: KL/feature/RGB variants only; paper: those and the paper code's scoring options")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)

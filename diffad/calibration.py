@@ -75,6 +75,10 @@ class Calibration:
     # Gaussian smoothing of the combined map (sigma in pixels at the model resolution; 0 is none).
     smoothing_sigma: float = 0.0
     smoothing_trials: tuple[SmoothingTrial, ...] = ()
+    # Gaussian smoothing of the pixel (KL or RGB) map before it is combined, chosen on its own: a per-pixel squared
+    # error is far noisier than the feature map.
+    pixel_smoothing_sigma: float = 0.0
+    pixel_smoothing_trials: tuple[SmoothingTrial, ...] = ()
     normal_scores: tuple[float, ...] = ()
     image_threshold: float = math.inf
     mask_threshold: float = math.inf
@@ -122,6 +126,8 @@ class Calibration:
             "features": [{"pool": k, **stats(s)} for k, s in sorted(self.features.items())],
             "smoothing_sigma": self.smoothing_sigma,
             "smoothing_trials": [asdict(trial) for trial in self.smoothing_trials],
+            "pixel_smoothing_sigma": self.pixel_smoothing_sigma,
+            "pixel_smoothing_trials": [asdict(trial) for trial in self.pixel_smoothing_trials],
             "normal_scores": list(self.normal_scores),
             "image_threshold": self.image_threshold,
             "mask_threshold": self.mask_threshold,
@@ -157,7 +163,8 @@ class Calibration:
         for name in ("kl", "rgb"):
             if name in values:
                 values[name] = stats(values[name], name)
-        values["smoothing_trials"] = tuple(SmoothingTrial(**trial) for trial in values.get("smoothing_trials", ()))
+        for key in ("smoothing_trials", "pixel_smoothing_trials"):
+            values[key] = tuple(SmoothingTrial(**trial) for trial in values.get(key, ()))
         values["normal_scores"] = tuple(values.get("normal_scores", ()))
         gaussian = {k: tensors[k] for k in GAUSSIAN_KEYS if k in tensors}
         return cls(timesteps=timesteps, features=features, gaussian=FeatureGaussian.from_tensors(gaussian) if gaussian else None,
@@ -181,9 +188,10 @@ def measure_statistics(raw: RawMaps) -> Calibration:
 
 
 def select_smoothing(detector: "AnomalyDetector", normal_images: torch.Tensor, calibration: Calibration,
-                     sigmas=SMOOTHING_CANDIDATES, batch_size: int = 8) -> tuple[float, tuple[SmoothingTrial, ...]]:
-    """The map smoothing that best localises synthetic defects pasted into held-out normal images (never test data),
-    by `metrics.localisation_quality`; with every candidate's result."""
+                     sigmas=SMOOTHING_CANDIDATES, batch_size: int = 8) -> Calibration:
+    """The calibration with the pixel map's smoothing, then the combined map's, each the candidate that best
+    localises synthetic defects pasted into held-out normal images (never test data) by
+    `metrics.localisation_quality`; every candidate's result is kept."""
     from .data import to_uint8
     from .metrics import aupro, auroc, localisation_quality
     from .synth import DEFECT_TYPES, add_defect
@@ -198,12 +206,20 @@ def select_smoothing(detector: "AnomalyDetector", normal_images: torch.Tensor, c
                             batch_size=batch_size)
     z = normalise(raw, calibration, scoring)
     masks = np.stack(masks)
-    trials = []
-    for sigma in sigmas:
-        maps = np.stack([c.anomaly for c in combine(z, replace(calibration, smoothing_sigma=float(sigma)), scoring)])
-        trials.append(SmoothingTrial(float(sigma), auroc(masks, maps), aupro(masks, maps)))
-    best = max(trials, key=lambda trial: localisation_quality(asdict(trial)))
-    return best.sigma, tuple(trials)
+
+    def best(field: str, candidate_scoring) -> tuple[float, tuple[SmoothingTrial, ...]]:
+        trials = []
+        for sigma in sigmas:
+            trial_calibration = replace(calibration, **{field: float(sigma)})
+            maps = np.stack([c.anomaly for c in combine(z, trial_calibration, candidate_scoring)])
+            trials.append(SmoothingTrial(float(sigma), auroc(masks, maps), aupro(masks, maps)))
+        return max(trials, key=lambda trial: localisation_quality(asdict(trial))).sigma, tuple(trials)
+
+    if scoring.alpha > 0:
+        sigma, trials = best("pixel_smoothing_sigma", replace(scoring, alpha=1.0))
+        calibration = replace(calibration, pixel_smoothing_sigma=sigma, pixel_smoothing_trials=trials)
+    sigma, trials = best("smoothing_sigma", scoring)
+    return replace(calibration, smoothing_sigma=sigma, smoothing_trials=trials)
 
 
 def calibrate(detector: "AnomalyDetector", normal_images: torch.Tensor, *, timesteps=CALIBRATED_TIMESTEPS,
@@ -212,7 +228,8 @@ def calibrate(detector: "AnomalyDetector", normal_images: torch.Tensor, *, times
     """Measure what normal looks like on held-out normal images (N, 3, R, R) with the detector's scoring.
 
     `timesteps` are calibrated besides the scoring's own; `feature_pool` (default: the detector's current
-    pooling sizes) are the feature maps made; `smoothing_sigma` None chooses it on synthetic defects;
+    pooling sizes) are the feature maps made; `smoothing_sigma` None chooses it and the pixel map's on synthetic
+    defects (a number keeps the detector's pixel smoothing);
     `gaussian` is the morph's feature model to keep (default: the detector's current one).
     """
     scoring = detector.scoring
@@ -222,10 +239,10 @@ def calibrate(detector: "AnomalyDetector", normal_images: torch.Tensor, *, times
     calibration = replace(measure_statistics(raw), smoothing_sigma=detector.calibration.smoothing_sigma,
                           gaussian=detector.calibration.gaussian if gaussian is None else _as_stored(gaussian))
     if smoothing_sigma is None:
-        sigma, trials = select_smoothing(detector, normal_images, calibration, batch_size=batch_size)
-        calibration = replace(calibration, smoothing_sigma=sigma, smoothing_trials=trials)
+        calibration = select_smoothing(detector, normal_images, calibration, batch_size=batch_size)
     else:
-        calibration = replace(calibration, smoothing_sigma=float(smoothing_sigma))
+        calibration = replace(calibration, smoothing_sigma=float(smoothing_sigma),
+                              pixel_smoothing_sigma=detector.calibration.pixel_smoothing_sigma)
     combined = combine(normalise(raw, calibration, scoring), calibration, scoring)
     scores = [c.score for c in combined]
     pixels = np.concatenate([c.anomaly.ravel() for c in combined])

@@ -16,11 +16,11 @@ from .calibration import Calibration
 from .detector import AnomalyDetector
 from .diffusion import GaussianDiffusion
 from .models import DiffADNet, NetConfig
-from .scoring import ScoringConfig, pool_sizes
+from .scoring import MAP_KINDS, ScoringConfig, pool_sizes
 
 # Version 2: NetConfig.prediction. Version 3: the calibration holds the smoothing, the feature pooling and the
 # morph's Gaussian, with typed statistics (`Calibration.to_config`); ScoringConfig.pixel_map is `pixel_kind`.
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 HUB_REPO_PATTERN = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
@@ -98,8 +98,15 @@ def _tensors_from_version_2(tensors: dict, timesteps: list[int], calibrated_pool
     return moved
 
 
+def _from_version_3(config: dict, tensors: dict | None) -> tuple[dict, dict | None]:
+    """Version 3's scoring.centre_by_position was one switch for every map; version 4 names the maps it centres."""
+    scoring = dict(config.get("scoring", {}))
+    scoring["centre_by_position"] = list(MAP_KINDS) if scoring.get("centre_by_position", True) else []
+    return {**config, "format_version": 4, "scoring": scoring}, tensors
+
+
 # Format version -> function upgrading a config.json of that version (and its tensors, when given) by one version.
-MIGRATIONS = {1: _from_version_1, 2: _from_version_2}
+MIGRATIONS = {1: _from_version_1, 2: _from_version_2, 3: _from_version_3}
 
 
 class CheckpointError(ValueError):

@@ -26,31 +26,32 @@ def normalise(raw: RawMaps, calibration: "Calibration", scoring: ScoringConfig) 
     """The one normalisation: the raw maps the calibration combines, in z units: (raw - centre) / std per timestep.
 
     The centre is the held-out normal images' mean at each position when the calibration has those maps and
-    `scoring.centre_by_position` (borders and other places where the model is always a little off stop looking
-    anomalous), else their mean over all pixels. `normalisation="per_image"` uses each map's own mean and std.
+    `scoring.centre_by_position` names the map (borders and other places where the model is always a little off
+    stop looking anomalous), else their mean over all pixels. `normalisation="per_image"` uses each map's own mean
+    and std.
     """
-    def z(maps: torch.Tensor, stats) -> torch.Tensor:
+    def z(maps: torch.Tensor, stats, kind: str) -> torch.Tensor:
         if scoring.normalisation == "per_image":
             mean, std = maps.mean(dim=(-2, -1), keepdim=True), maps.std(dim=(-2, -1), unbiased=False, keepdim=True)
         else:
             rows = calibration.rows(raw.timesteps)
             mean = stats.mean[rows].to(maps.device).view(1, -1, 1, 1)
             std = stats.std[rows].to(maps.device).view(1, -1, 1, 1)
-            if scoring.centre_by_position and stats.position_mean is not None:
+            if kind in scoring.centre_by_position and stats.position_mean is not None:
                 mean = stats.centres(rows, maps.shape[-2:]).to(maps.device)[None]
         return (maps - mean) / std.clamp_min(1e-12)
 
     missing = [k for k in calibration.feature_pool if k not in raw.features]
     if missing:
         raise ValueError(f"the maps lack the feature maps pooled over {missing} cells the calibration combines")
-    return RawMaps(raw.timesteps, z(raw.kl, calibration.kl), z(raw.rgb, calibration.rgb),
-                   {k: z(raw.features[k], stats) for k, stats in calibration.features.items()})
+    return RawMaps(raw.timesteps, z(raw.kl, calibration.kl, "kl"), z(raw.rgb, calibration.rgb, "rgb"),
+                   {k: z(raw.features[k], stats, "feature") for k, stats in calibration.features.items()})
 
 
 @dataclass(frozen=True)
 class CombinedMaps:
     anomaly: np.ndarray  # (R, R) the final map: sum over timesteps of alpha * pixel_z + (1 - alpha) * feature_z
-    pixel: np.ndarray  # (R, R) sum over timesteps of the z-normalised pixel (KL or RGB) maps
+    pixel: np.ndarray  # (R, R) sum over timesteps of the z-normalised pixel (KL or RGB) maps, smoothed
     feature: np.ndarray  # (R, R) sum over timesteps of the z-normalised feature maps (averaged over pooling sizes)
     score: float
 
@@ -61,14 +62,14 @@ def combine(z: RawMaps, calibration: "Calibration", scoring: ScoringConfig) -> l
     if missing:
         raise ValueError(f"the maps lack the scoring timesteps {missing}")
     rows = [z.index(t) for t in scoring.timesteps]
-    pixel = getattr(z, scoring.pixel_kind)[:, rows].sum(1)
+    pixel = getattr(z, scoring.pixel_kind)[:, rows].sum(1).cpu().numpy()
     feature = sum(z.features[k][:, rows].sum(1) for k in calibration.feature_pool) / len(calibration.feature_pool)
-    anomaly = (scoring.alpha * pixel + (1 - scoring.alpha) * feature).cpu().numpy()
-    pixel, feature = pixel.cpu().numpy(), feature.cpu().numpy()
+    feature = feature.cpu().numpy()
     combined = []
-    for i in range(len(anomaly)):
-        smoothed = gaussian_smooth(anomaly[i], calibration.smoothing_sigma)
-        combined.append(CombinedMaps(smoothed, pixel[i], feature[i], top_k_mean(smoothed, scoring.top_k)))
+    for i in range(len(pixel)):
+        smooth_pixel = gaussian_smooth(pixel[i], calibration.pixel_smoothing_sigma)
+        anomaly = gaussian_smooth(scoring.alpha * smooth_pixel + (1 - scoring.alpha) * feature[i], calibration.smoothing_sigma)
+        combined.append(CombinedMaps(anomaly, smooth_pixel, feature[i], top_k_mean(anomaly, scoring.top_k)))
     return combined
 
 
@@ -96,7 +97,7 @@ class StepMaps:
     kl: np.ndarray  # (R, R) bits
     features: dict[int, np.ndarray]  # pool size -> (R, R) squared error of normalised features
     rgb: np.ndarray  # (R, R) |x0_hat - x0| averaged over channels
-    kl_z: np.ndarray  # (R, R) the KL map in z units, centred as the score centres it
+    kl_z: np.ndarray  # (R, R) the KL map in z units, centred and smoothed as the score has it
     feature_z: np.ndarray  # (R, R) the finest feature map in z units
 
     @property
@@ -139,6 +140,7 @@ def postprocess(raw: RawMaps, images: torch.Tensor, calibration: "Calibration", 
     xt, x0_hat, kl, step_rgb = raw.xt.cpu(), raw.x0_hat.cpu(), raw.kl.cpu().numpy(), raw.rgb.cpu().numpy()
     features = {k: v.cpu().numpy() for k, v in raw.features.items()}
     kl_z, feature_z = z.kl.cpu().numpy(), z.features[min(raw.features)].cpu().numpy()
+    kl_z = np.stack([[gaussian_smooth(m, calibration.pixel_smoothing_sigma) for m in image] for image in kl_z])
     predictions = []
     for i, maps in enumerate(combined):
         steps = [StepMaps(t, xt[i, j], x0_hat[i, j], kl[i, j], {k: v[i, j] for k, v in features.items()}, step_rgb[i, j],

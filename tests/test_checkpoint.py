@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from diffad import CheckpointError, load_checkpoint
-from diffad.checkpoint import list_local_categories
+from diffad.checkpoint import FORMAT_VERSION, list_local_categories
 
 from tests.conftest import copy_of, make_hub_cache
 
@@ -27,7 +27,7 @@ def test_round_trip_gives_identical_maps(tiny_checkpoint, tiny_dataset, tmp_path
     np.testing.assert_array_equal(a.anomaly_map, b.anomaly_map)
     assert a.score == b.score and [s.t for s in a.steps] == [5, 20, 200, 400]
     config = json.loads((tmp_path / "again" / "config.json").read_text())
-    assert config["format_version"] == 3 and config["calibration"]["normal_scores"]
+    assert config["format_version"] == FORMAT_VERSION and config["calibration"]["normal_scores"]
     assert load_file(str(tmp_path / "again" / "model.safetensors"))["net.feature_head.0.weight"].dtype == torch.float16
 
 
@@ -196,9 +196,13 @@ def test_position_means_centre_each_pixel_on_normal_images(tiny_checkpoint, tiny
     # Maps that equal the normal mean at every position are exactly typical: zero after centring.
     typical = RawMaps(raw.timesteps, calibration.kl.centres(rows, size)[None], calibration.rgb.centres(rows, size)[None],
                       {k: s.centres(rows, size)[None] for k, s in calibration.features.items()})
-    assert np.abs(combine(normalise(typical, calibration, scoring), calibration, scoring)[0].anomaly).max() < 1e-5
+    every = dataclasses.replace(scoring, centre_by_position=("kl", "rgb", "feature"))
+    assert np.abs(combine(normalise(typical, calibration, every), calibration, every)[0].anomaly).max() < 1e-5
+    # By default only the feature maps are centred per position.
+    z = normalise(typical, calibration, scoring)
+    assert z.features[calibration.feature_pool[0]].abs().max() < 1e-5 and z.kl.abs().max() > 0.1
     # Centred on one mean per timestep instead, the same maps are far from zero.
-    per_map = dataclasses.replace(scoring, centre_by_position=False)
+    per_map = dataclasses.replace(scoring, centre_by_position=())
     assert np.abs(combine(normalise(typical, calibration, per_map), calibration, per_map)[0].anomaly).max() > 0.1
 
 
@@ -262,7 +266,7 @@ def test_a_version_2_layout_migrates_with_its_pooled_statistics_and_position_mea
     tensors = {"extras.position_mean": full, "extras.position_mean_pooled": torch.zeros(2, 1, 2, 2),
                "extras.position_mean_timesteps": torch.tensor([200, 20]), "extras.gaussian_dims": torch.arange(4)}
     config, tensors = migrate(config, tensors)
-    assert config["scoring"] == {"pixel_kind": "rgb"} and config["calibration"]["smoothing_sigma"] == 2.0
+    assert config["scoring"] == {"pixel_kind": "rgb", "centre_by_position": ["kl", "rgb", "feature"]} and config["calibration"]["smoothing_sigma"] == 2.0
     calibration = config["calibration"]
     assert calibration["timesteps"] == [20, 200] and calibration["mask_threshold"] == 1.5
     assert calibration["features"] == [{"pool": 1, "mean": [2.0, 2.0], "std": [3.0, 3.0]}, {"pool": 3, "mean": [4.0, 4.0], "std": [5.0, 5.0]}]
@@ -274,8 +278,13 @@ def test_a_version_2_layout_migrates_with_its_pooled_statistics_and_position_mea
     assert migrate(config)[0]["calibration"]["features"] == [{"pool": 3, "mean": [2], "std": [3]}]
 
 
-def test_a_version_1_network_predicts_the_noise():
+def test_migrations_keep_what_old_checkpoints_meant():
     from diffad.checkpoint import MIGRATIONS
 
     config, _ = MIGRATIONS[1]({"format_version": 1, "net": {"patch": 4}}, None)
     assert config["format_version"] == 2 and config["net"] == {"prediction": "eps", "patch": 4}
+    # Version 3 centred every map per position or none; version 4 names them, so old checkpoints score as before.
+    for old, new in ((True, ["kl", "rgb", "feature"]), (False, []), (None, ["kl", "rgb", "feature"])):
+        scoring = {} if old is None else {"centre_by_position": old}
+        config, _ = MIGRATIONS[3]({"format_version": 3, "scoring": scoring}, None)
+        assert config["format_version"] == 4 and config["scoring"]["centre_by_position"] == new

@@ -146,3 +146,28 @@ def test_the_papers_scoring_options_change_only_what_they_say(tiny_checkpoint, t
     with pytest.raises(ValueError, match="kl_jump"):
         ScoringConfig(kl_jump=0)
     assert ScoringConfig(kl_jump=4).raw_options != ScoringConfig().raw_options
+
+
+def test_pixel_map_smoothing_is_chosen_on_its_own_and_the_kl_panels_add_up_to_it(tiny_checkpoint, tiny_dataset, tmp_path):
+    from dataclasses import replace
+
+    from diffad.metrics import localisation_quality
+
+    folder = copy_of(tiny_checkpoint, tmp_path)
+    assert main(["calibrate", "--checkpoint", str(folder), "--data", str(tiny_dataset)]) == 0
+    detector = load_checkpoint(folder)
+    calibration = detector.calibration
+    for chosen, trials in ((calibration.pixel_smoothing_sigma, calibration.pixel_smoothing_trials),
+                           (calibration.smoothing_sigma, calibration.smoothing_trials)):
+        assert [t.sigma for t in trials] == [0.0, 2.0, 4.0, 8.0]
+        assert chosen == max(trials, key=lambda t: localisation_quality({"pixel_auroc": t.pixel_auroc, "aupro": t.aupro})).sigma
+    # The timestep slider's KL panels are smoothed as the score's pixel map is: over the scoring timesteps they add
+    # up to it exactly (Gaussian smoothing is linear).
+    detector.calibration = replace(calibration, pixel_smoothing_sigma=4.0)
+    image = sorted((tiny_dataset / "test" / "hole").iterdir())[0]
+    prediction = detector.predict(image)
+    panels = sum(step.kl_z for step in prediction.steps if step.t in detector.scoring.timesteps)
+    np.testing.assert_allclose(prediction.pixel_map, panels, rtol=1e-4, atol=1e-4)
+    unsmoothed = replace(calibration, pixel_smoothing_sigma=0.0)
+    detector.calibration = unsmoothed
+    assert np.abs(detector.predict(image).pixel_map - prediction.pixel_map).max() > 0.1
