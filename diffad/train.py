@@ -288,14 +288,15 @@ def checkpoint_split(detector: AnomalyDetector, data) -> tuple[torch.Tensor, tor
     return images[train_idx], images[hold_idx]
 
 
-def recalibrate(checkpoint, data, feature_pool=None) -> AnomalyDetector:
+def recalibrate(checkpoint, data, feature_pool=None, scoring: dict | None = None) -> AnomalyDetector:
     """Re-measure the calibration and refit the morph's feature Gaussian of an existing checkpoint, in place.
 
     Uses the same held-out split as training (same seed and fraction), so calibration never sees training images.
-    `feature_pool` (pooling sizes, e.g. "1,3,9") replaces the checkpoint's; a bad value is refused before anything
-    is measured or written.
+    `feature_pool` (pooling sizes, e.g. "1,3,9") replaces the checkpoint's and `scoring` overrides its scoring
+    settings; a bad value is refused before anything is measured or written.
     """
     detector = load_checkpoint(checkpoint)
+    detector.scoring = ScoringConfig.from_dict({**detector.scoring.to_dict(), **(scoring or {})})
     pools = detector.calibration.feature_pool if feature_pool is None else pool_sizes(feature_pool)
     settings = training_config(detector)
     train_images, holdout = checkpoint_split(detector, data)

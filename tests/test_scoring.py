@@ -171,3 +171,15 @@ def test_pixel_map_smoothing_is_chosen_on_its_own_and_the_kl_panels_add_up_to_it
     unsmoothed = replace(calibration, pixel_smoothing_sigma=0.0)
     detector.calibration = unsmoothed
     assert np.abs(detector.predict(image).pixel_map - prediction.pixel_map).max() > 0.1
+
+
+def test_calibrate_can_change_the_scoring_and_refuses_unknown_settings(tiny_checkpoint, tiny_dataset, tmp_path, capsys):
+    folder = copy_of(tiny_checkpoint, tmp_path)
+    before = (folder / "config.json").read_text()
+    assert main(["calibrate", "--checkpoint", str(folder), "--data", str(tiny_dataset), "--scoring", '{"kl_jumpp": 4}']) == 2
+    assert "unknown scoring setting(s) 'kl_jumpp'" in capsys.readouterr().err
+    assert (folder / "config.json").read_text() == before  # refused before anything was written
+    assert main(["calibrate", "--checkpoint", str(folder), "--data", str(tiny_dataset),
+                 "--scoring", '{"kl_jump": 4, "centre_by_position": ["kl", "feature"]}']) == 0
+    detector = load_checkpoint(folder)
+    assert detector.scoring.kl_jump == 4 and detector.scoring.centre_by_position == ("kl", "feature")
