@@ -5,6 +5,8 @@ tests agree. Texts that are expected to change (the timestep explanation, the mo
 """
 from __future__ import annotations
 
+import functools
+
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -283,9 +285,29 @@ def step_view(analysis: Analysis, t: float) -> tuple:
     return step["xt"], step["x0_hat"], step["kl"], step["feature"], text
 
 
+# The colour bar's axes as fractions of its picture (matplotlib's subplots_adjust), to place the marker in pixels.
+BAR_LEFT, BAR_RIGHT, BAR_BOTTOM, BAR_TOP = 0.04, 0.96, 0.5, 0.95
+
+
 def colorbar(vmin: float, vmax: float, label: str, width: int = 512, cmap: str = "jet",
              marker: float | None = None) -> np.ndarray:
-    """A horizontal colour bar with ticks (none clipped at the ends) and an optional ▲ marker, as an image."""
+    """A horizontal colour bar with ticks (none clipped at the ends) and an optional ▲ marker, as an image.
+
+    The bar is drawn once per scale and cached; the marker, which moves with the threshold slider, is painted on a
+    copy in pixels, so dragging the slider never waits for matplotlib."""
+    picture = _colorbar_base(float(vmin), float(vmax), label, int(width), cmap).copy()
+    if marker is not None and vmin <= marker <= vmax:
+        height, width = picture.shape[:2]
+        x = round(width * (BAR_LEFT + (BAR_RIGHT - BAR_LEFT) * (marker - vmin) / max(vmax - vmin, 1e-12)))
+        top, bottom = round(height * (1 - BAR_TOP)), round(height * (1 - BAR_BOTTOM))
+        picture[top:bottom, max(x - 1, 0) : x + 1] = 255  # a white line across the bar
+        for row in range(6):  # a black ▲ under it, its tip on the bar's lower edge
+            picture[bottom + 1 + row, max(x - row, 0) : x + row + 1] = 0
+    return picture
+
+
+@functools.lru_cache(maxsize=64)
+def _colorbar_base(vmin: float, vmax: float, label: str, width: int, cmap: str) -> np.ndarray:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -297,13 +319,11 @@ def colorbar(vmin: float, vmax: float, label: str, width: int = 512, cmap: str =
     ax.set_yticks([])
     ax.set_xlabel(label, fontsize=7)
     ax.tick_params(labelsize=7)
-    if marker is not None and vmin <= marker <= vmax:
-        ax.axvline(marker, color="white", linewidth=2)
-        ax.plot([marker], [0], marker="^", color="black", markersize=7, clip_on=False)
-    fig.subplots_adjust(left=0.04, right=0.96, bottom=0.5, top=0.95)
+    fig.subplots_adjust(left=BAR_LEFT, right=BAR_RIGHT, bottom=BAR_BOTTOM, top=BAR_TOP)
     fig.canvas.draw()
     picture = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
     plt.close(fig)
+    picture.flags.writeable = False  # shared by every caller through the cache
     return picture
 
 

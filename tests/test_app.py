@@ -361,3 +361,14 @@ def test_a_defect_placed_with_a_click_on_a_normal_example_is_found_by_the_map(re
     value = float(text.split("pixel AUROC **")[1][:4])
     assert value > 0.9, text
     assert np.array_equal(np.asarray(Image.open(outputs[-3]).convert("RGB")), shown)
+
+
+def test_the_colour_bar_marks_the_threshold_at_its_value_and_the_cached_bar_stays_clean():
+    from diffad.demo import colorbar
+
+    plain = colorbar(0.0, 10.0, "z", 500)
+    for value, expected_x in ((5.0, 250), (2.5, 135)):  # 500 * (0.04 + 0.92 * value / 10)
+        marked = colorbar(0.0, 10.0, "z", 500, marker=value)
+        columns = np.flatnonzero((marked != plain).any(axis=(0, 2)))
+        assert columns.size and expected_x - 6 <= columns.min() and columns.max() <= expected_x + 6
+    np.testing.assert_array_equal(colorbar(0.0, 10.0, "z", 500), plain)
