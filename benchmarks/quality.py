@@ -120,7 +120,7 @@ def baseline_sets(train_images: torch.Tensor, test: torch.Tensor, backbone, refe
 
 
 def evaluation_split_metrics(sets: dict[str, ScoredSet]) -> dict:
-    """Every method on the test images outside select_feature_pool.py's validation split (the same images for all)."""
+    """Every method on the test images outside select_on_validation.py's validation split (the same images for all)."""
     keep = ~validation_split(next(iter(sets.values())).defects)
     return {"images": int(keep.sum()),
             **{name: evaluate_maps(s.labels[keep], s.scores[keep], s.masks[keep], s.maps[keep]) for name, s in sets.items()}}
@@ -140,6 +140,7 @@ def measure(detector, checkpoint: Path, root: Path, ablation: str = "full") -> d
                     f"({t.get('train_images')} training + {t.get('holdout_images')} held-out images)",
         "metrics": metrics_for(default),
         "feature_pool": list(detector.calibration.feature_pool),
+        "pixel_smoothing": detector.calibration.pixel_smoothing_sigma,
         "ablation": {name: evaluate_maps(s.labels, s.scores, s.masks, s.maps) for name, s in variants.items()},
     }
     train_images, holdout = checkpoint_split(detector, root)
@@ -173,9 +174,11 @@ def render(r: dict) -> list[str]:
         e = r["evaluation_split"]
         pools = ",".join(map(str, r.get("feature_pool", [1])))
         out += ["", f"### The same on the {e['images']} test images outside the validation split", "",
-                f"The checkpoint's feature pooling ({pools}) was chosen on the other fifth of the test images "
-                "(`benchmarks/select_feature_pool.py`, [feature_pool_selection.json](feature_pool_selection.json)); "
-                "these images never took part in that choice.", ""]
+                f"The checkpoint's feature pooling ({pools}) and pixel-map smoothing (sigma {r.get('pixel_smoothing', 0.0):g}) "
+                "were chosen on the other fifth of the test images (`benchmarks/select_on_validation.py`, "
+                "[feature_pool_selection.json](feature_pool_selection.json), "
+                "[pixel_smoothing_selection.json](pixel_smoothing_selection.json)); these images never took part in "
+                "those choices.", ""]
         out += metric_table({name: m for name, m in e.items() if name != "images"}, METRIC_NAMES)
     out += ["", "### Per defect type (diffad)", "", "| subset | " + " | ".join(METRIC_NAMES) + " | images |",
             "|---" * (len(METRIC_NAMES) + 2) + "|"]

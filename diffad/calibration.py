@@ -188,9 +188,9 @@ def measure_statistics(raw: RawMaps) -> Calibration:
 
 
 def select_smoothing(detector: "AnomalyDetector", normal_images: torch.Tensor, calibration: Calibration,
-                     sigmas=SMOOTHING_CANDIDATES, batch_size: int = 8) -> Calibration:
-    """The calibration with the pixel map's smoothing, then the combined map's, each the candidate that best
-    localises synthetic defects pasted into held-out normal images (never test data) by
+                     sigmas=SMOOTHING_CANDIDATES, batch_size: int = 8, choose_pixel: bool = True) -> Calibration:
+    """The calibration with the pixel map's smoothing (unless not `choose_pixel`), then the combined map's, each
+    the candidate that best localises synthetic defects pasted into held-out normal images (never test data) by
     `metrics.localisation_quality`; every candidate's result is kept."""
     from .data import to_uint8
     from .metrics import aupro, auroc, localisation_quality
@@ -215,7 +215,7 @@ def select_smoothing(detector: "AnomalyDetector", normal_images: torch.Tensor, c
             trials.append(SmoothingTrial(float(sigma), auroc(masks, maps), aupro(masks, maps)))
         return max(trials, key=lambda trial: localisation_quality(asdict(trial))).sigma, tuple(trials)
 
-    if scoring.alpha > 0:
+    if choose_pixel and scoring.alpha > 0:
         sigma, trials = best("pixel_smoothing_sigma", replace(scoring, alpha=1.0))
         calibration = replace(calibration, pixel_smoothing_sigma=sigma, pixel_smoothing_trials=trials)
     sigma, trials = best("smoothing_sigma", scoring)
@@ -223,13 +223,13 @@ def select_smoothing(detector: "AnomalyDetector", normal_images: torch.Tensor, c
 
 
 def calibrate(detector: "AnomalyDetector", normal_images: torch.Tensor, *, timesteps=CALIBRATED_TIMESTEPS,
-              feature_pool=None, smoothing_sigma: float | None = None, gaussian: FeatureGaussian | None = None,
-              batch_size: int = 8) -> Calibration:
+              feature_pool=None, smoothing_sigma: float | None = None, pixel_smoothing_sigma: float | None = None,
+              gaussian: FeatureGaussian | None = None, batch_size: int = 8) -> Calibration:
     """Measure what normal looks like on held-out normal images (N, 3, R, R) with the detector's scoring.
 
     `timesteps` are calibrated besides the scoring's own; `feature_pool` (default: the detector's current
-    pooling sizes) are the feature maps made; `smoothing_sigma` None chooses it and the pixel map's on synthetic
-    defects (a number keeps the detector's pixel smoothing);
+    pooling sizes) are the feature maps made; `smoothing_sigma` and `pixel_smoothing_sigma` None choose them on
+    synthetic defects (a pixel smoothing is kept from the detector when only `smoothing_sigma` is given);
     `gaussian` is the morph's feature model to keep (default: the detector's current one).
     """
     scoring = detector.scoring
@@ -238,11 +238,15 @@ def calibrate(detector: "AnomalyDetector", normal_images: torch.Tensor, *, times
     raw = detector.raw_maps(normal_images, timesteps, pools, keep_images=False, batch_size=batch_size)
     calibration = replace(measure_statistics(raw), smoothing_sigma=detector.calibration.smoothing_sigma,
                           gaussian=detector.calibration.gaussian if gaussian is None else _as_stored(gaussian))
+    if pixel_smoothing_sigma is None and smoothing_sigma is not None:
+        pixel_smoothing_sigma = detector.calibration.pixel_smoothing_sigma
+    if pixel_smoothing_sigma is not None:
+        calibration = replace(calibration, pixel_smoothing_sigma=float(pixel_smoothing_sigma))
     if smoothing_sigma is None:
-        calibration = select_smoothing(detector, normal_images, calibration, batch_size=batch_size)
+        calibration = select_smoothing(detector, normal_images, calibration, batch_size=batch_size,
+                                       choose_pixel=pixel_smoothing_sigma is None)
     else:
-        calibration = replace(calibration, smoothing_sigma=float(smoothing_sigma),
-                              pixel_smoothing_sigma=detector.calibration.pixel_smoothing_sigma)
+        calibration = replace(calibration, smoothing_sigma=float(smoothing_sigma))
     combined = combine(normalise(raw, calibration, scoring), calibration, scoring)
     scores = [c.score for c in combined]
     pixels = np.concatenate([c.anomaly.ravel() for c in combined])

@@ -1,0 +1,92 @@
+"""Choose a category's feature-pooling sizes or pixel-map smoothing on a validation split of its labelled test images.
+
+    python benchmarks/select_on_validation.py --choose feature_pool pixel_smoothing --categories magnetic_tile bottle
+
+Synthetic defects cannot make these choices. For pooling, pasted defects are either small and sharp (every
+candidate scores ~0.99) or, when a wide faint kind is added, wide enough to make every category prefer coarse
+pooling, bottle included, where it blurs the real defects. For the KL map's smoothing, the thin synthetic
+scratches favour none while real bottle defects gain from it. So a fixed, seeded fifth of each defect type (and of
+the good images) is set aside as a validation split; the candidates are compared on it by pixel AUROC + AUPRO, the
+criterion `diffad calibrate` uses for smoothing. `benchmarks/run.py` reports every method on the other four
+fifths, which the choices never saw. Writes benchmarks/CHOICE_selection.json; apply a choice with
+`diffad calibrate --checkpoint checkpoints/NAME --data DIR --feature-pool SIZES` or `--pixel-smoothing SIGMA`.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import DATA  # noqa: E402
+from diffad import load_checkpoint  # noqa: E402
+from diffad.calibration import SMOOTHING_CANDIDATES, calibrate  # noqa: E402
+from diffad.evaluate import Variant, score_test_set, scoring_for_map, validation_split  # noqa: E402
+from diffad.metrics import evaluate_maps, localisation_quality  # noqa: E402
+from diffad.train import checkpoint_split  # noqa: E402
+
+CANDIDATES = ((1,), (3,), (1, 3, 9))
+
+
+def on_validation(detector, root: Path, variants: dict[str, Variant]) -> dict:
+    """The candidate variants compared on the validation fifth, and the best by localisation quality."""
+    scored = score_test_set(detector, root, variants)  # the whole split, so the split's order is run.py's; only
+    v = validation_split(next(iter(scored.values())).defects)  # the validation fifth is read
+    results = {name: evaluate_maps(s.labels[v], s.scores[v], s.masks[v], s.maps[v]) for name, s in scored.items()}
+    chosen = max(results, key=lambda name: localisation_quality(results[name]))
+    return {"validation_images": int(v.sum()), "test_images": int(v.size), "candidates": results, "chosen": chosen}
+
+
+def select_feature_pool(detector, root: Path) -> dict:
+    # Calibrated with every candidate size at once, so each candidate is a subset it can combine.
+    every_size = tuple(sorted({k for c in CANDIDATES for k in c}))
+    calibration = calibrate(detector, checkpoint_split(detector, root)[1], timesteps=detector.scoring.timesteps,
+                            feature_pool=every_size, smoothing_sigma=detector.calibration.smoothing_sigma)
+    variants = {",".join(map(str, c)): Variant(detector.scoring, calibration.with_feature_pool(c)) for c in CANDIDATES}
+    result = on_validation(detector, root, variants)
+    return {**result, "chosen": [int(k) for k in result["chosen"].split(",")]}
+
+
+def select_pixel_smoothing(detector, root: Path) -> dict:
+    """Judged on the pixel map alone: the smoothing applies to it before it is combined."""
+    pixel_only = scoring_for_map(detector.scoring, detector.scoring.pixel_kind)
+    variants = {str(sigma): Variant(pixel_only, replace(detector.calibration, pixel_smoothing_sigma=sigma))
+                for sigma in SMOOTHING_CANDIDATES}
+    result = on_validation(detector, root, variants)
+    return {**result, "chosen": float(result["chosen"])}
+
+
+SELECTORS = {"feature_pool": select_feature_pool, "pixel_smoothing": select_pixel_smoothing}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--choose", nargs="+", choices=list(SELECTORS), default=list(SELECTORS))
+    parser.add_argument("--categories", nargs="+", default=list(DATA))
+    parser.add_argument("--checkpoints", default=str(ROOT / "checkpoints"), help="folder of category checkpoints")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    for choice in args.choose:
+        path = ROOT / "benchmarks" / f"{choice}_selection.json"
+        selection = json.loads(path.read_text()) if path.exists() else {}
+        for category in args.categories:
+            if not DATA[category].is_dir():
+                print(f"skipping {category}: data missing at {DATA[category]}")
+                continue
+            detector = load_checkpoint(Path(args.checkpoints) / category)
+            selection[category] = SELECTORS[choice](detector, DATA[category])
+            for name, m in selection[category]["candidates"].items():
+                print(f"{category} {choice} {name}: pixel AUROC {m['pixel_auroc']:.3f}, AUPRO {m['aupro']:.3f} on validation")
+            print(f"{category}: {choice} chosen {selection[category]['chosen']}")
+            path.write_text(json.dumps(selection, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
