@@ -183,3 +183,9 @@ def test_calibrate_can_change_the_scoring_and_refuses_unknown_settings(tiny_chec
                  "--scoring", '{"kl_jump": 4, "centre_by_position": ["kl", "feature"]}']) == 0
     detector = load_checkpoint(folder)
     assert detector.scoring.kl_jump == 4 and detector.scoring.centre_by_position == ("kl", "feature")
+    # A fixed pixel smoothing is used as given, not chosen; a nonsensical one is refused.
+    assert main(["calibrate", "--checkpoint", str(folder), "--data", str(tiny_dataset), "--pixel-smoothing", "-1"]) == 2
+    assert main(["calibrate", "--checkpoint", str(folder), "--data", str(tiny_dataset), "--pixel-smoothing", "3"]) == 0
+    calibration = load_checkpoint(folder).calibration
+    assert calibration.pixel_smoothing_sigma == 3.0 and not calibration.pixel_smoothing_trials
+    assert len(calibration.smoothing_trials) == 4  # the combined map's smoothing is still chosen
