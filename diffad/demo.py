@@ -102,7 +102,7 @@ def _step_views(detector: AnomalyDetector, prediction, size: tuple[int, int]) ->
             "signal": float(detector.diffusion.sqrt_alphas_cumprod[step.t]),
             "xt": resize_picture(to_uint8(step.xt.clamp(-1, 1)), size),
             "x0_hat": resize_picture(to_uint8(step.x0_hat), size),
-            # z units as the score uses them (centred on the normal images' position means).
+            # z units as the score uses them (centred and smoothed as in the score).
             "kl": resize_picture(heatmap(step.kl_z, *STEP_Z_RANGE), size),
             # The finest map: pooled ones spread one defect over many pixels and saturate this fixed scale on texture.
             "feature": resize_picture(heatmap(step.feature_z, *STEP_Z_RANGE), size),
