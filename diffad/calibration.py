@@ -31,7 +31,7 @@ MASK_THRESHOLD_QUANTILE = 0.999
 # maps keep full resolution: pooling their means blurs the thin ring of border errors.
 POOLED_MEAN_DOWNSCALE = 4
 # Gaussian smoothing (sigma in pixels at the model resolution) tried when calibrating; 0 is none.
-SMOOTHING_CANDIDATES = (0.0, 2.0, 4.0, 8.0)
+SMOOTHING_CANDIDATES = (0.0, 2.0, 4.0, 8.0, 16.0)
 
 
 @dataclass(frozen=True)

@@ -159,7 +159,7 @@ def test_pixel_map_smoothing_is_chosen_on_its_own_and_the_kl_panels_add_up_to_it
     calibration = detector.calibration
     for chosen, trials in ((calibration.pixel_smoothing_sigma, calibration.pixel_smoothing_trials),
                            (calibration.smoothing_sigma, calibration.smoothing_trials)):
-        assert [t.sigma for t in trials] == [0.0, 2.0, 4.0, 8.0]
+        assert [t.sigma for t in trials] == [0.0, 2.0, 4.0, 8.0, 16.0]
         assert chosen == max(trials, key=lambda t: localisation_quality({"pixel_auroc": t.pixel_auroc, "aupro": t.aupro})).sigma
     # The timestep slider's KL panels are smoothed as the score's pixel map is: over the scoring timesteps they add
     # up to it exactly (Gaussian smoothing is linear).
@@ -188,4 +188,4 @@ def test_calibrate_can_change_the_scoring_and_refuses_unknown_settings(tiny_chec
     assert main(["calibrate", "--checkpoint", str(folder), "--data", str(tiny_dataset), "--pixel-smoothing", "3"]) == 0
     calibration = load_checkpoint(folder).calibration
     assert calibration.pixel_smoothing_sigma == 3.0 and not calibration.pixel_smoothing_trials
-    assert len(calibration.smoothing_trials) == 4  # the combined map's smoothing is still chosen
+    assert len(calibration.smoothing_trials) == 5  # the combined map's smoothing is still chosen

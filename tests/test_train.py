@@ -31,7 +31,7 @@ def test_training_lowers_the_loss_and_resumes(tiny_dataset, tmp_path):
     assert np.isfinite(detector.calibration.image_threshold) and len(detector.calibration.normal_scores) == 2
     # Smoothing is chosen on synthetic defects in the held-out images, and the best candidate is the default.
     trials = detector.calibration.smoothing_trials
-    assert [trial.sigma for trial in trials] == [0.0, 2.0, 4.0, 8.0]
+    assert [trial.sigma for trial in trials] == [0.0, 2.0, 4.0, 8.0, 16.0]
     best = max(trials, key=lambda trial: localisation_quality(asdict(trial)))
     assert detector.calibration.smoothing_sigma == best.sigma
 
