@@ -14,7 +14,7 @@ from diffad import load_checkpoint
 from diffad.calibration import calibrate
 from diffad.evaluate import METRIC_NAMES, ScoredSet, Variant, metrics_for, score_test_set, scoring_for_map, validation_split
 from diffad.metrics import evaluate_maps
-from diffad.postprocess import top_k_mean
+from diffad.postprocess import gaussian_smooth, top_k_mean
 from diffad.train import checkpoint_split
 
 
@@ -52,12 +52,14 @@ RECONSTRUCTION_ROW = (f"RGB error of a full reconstruction (noise to t = {RECONS
 
 
 def reconstruction_error_set(detector, holdout: torch.Tensor, test: torch.Tensor, reference: ScoredSet) -> ScoredSet:
-    """Mean-over-channels |x0 - reconstruction| maps, centred per position and scaled on the held-out normal images."""
+    """Mean-over-channels |x0 - reconstruction| maps normalised as the pixel KL is: z over the held-out normal
+    images' pixels, then the pixel map's smoothing."""
     def error_maps(images) -> np.ndarray:
         return np.stack([(detector.reconstruct(x, RECONSTRUCTION_T, RECONSTRUCTION_STEPS) - x).abs().mean(0).numpy() for x in images])
 
     normal = error_maps(holdout)
-    maps = (error_maps(test) - normal.mean(0)) / normal.std()
+    sigma = detector.calibration.pixel_smoothing_sigma
+    maps = np.stack([gaussian_smooth(m, sigma) for m in (error_maps(test) - normal.mean()) / normal.std()])
     scores = np.array([top_k_mean(m, detector.scoring.top_k) for m in maps])
     return dataclasses.replace(reference, scores=scores, maps=maps.astype(np.float16))
 
