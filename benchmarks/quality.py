@@ -14,7 +14,8 @@ from diffad import load_checkpoint
 from diffad.calibration import calibrate
 from diffad.evaluate import METRIC_NAMES, ScoredSet, Variant, metrics_for, score_test_set, scoring_for_map, validation_split
 from diffad.metrics import evaluate_maps
-from diffad.postprocess import gaussian_smooth, top_k_mean
+from diffad.postprocess import top_k_mean
+from diffad.scoring import gaussian_blur
 from diffad.train import checkpoint_split
 
 
@@ -52,14 +53,14 @@ RECONSTRUCTION_ROW = (f"RGB error of a full reconstruction (noise to t = {RECONS
 
 
 def reconstruction_error_set(detector, holdout: torch.Tensor, test: torch.Tensor, reference: ScoredSet) -> ScoredSet:
-    """Mean-over-channels |x0 - reconstruction| maps normalised as the pixel KL is: z over the held-out normal
-    images' pixels, then the pixel map's smoothing."""
+    """Mean-over-channels |x0 - reconstruction| maps made as the pixel KL is: the pixel maps' smoothing, then z over
+    the held-out normal images' pixels."""
     def error_maps(images) -> np.ndarray:
-        return np.stack([(detector.reconstruct(x, RECONSTRUCTION_T, RECONSTRUCTION_STEPS) - x).abs().mean(0).numpy() for x in images])
+        errors = [(detector.reconstruct(x, RECONSTRUCTION_T, RECONSTRUCTION_STEPS) - x).abs().mean(0) for x in images]
+        return gaussian_blur(torch.stack(errors), detector.scoring.pixel_smoothing).numpy()
 
     normal = error_maps(holdout)
-    sigma = detector.calibration.pixel_smoothing_sigma
-    maps = np.stack([gaussian_smooth(m, sigma) for m in (error_maps(test) - normal.mean()) / normal.std()])
+    maps = (error_maps(test) - normal.mean()) / normal.std()
     scores = np.array([top_k_mean(m, detector.scoring.top_k) for m in maps])
     return dataclasses.replace(reference, scores=scores, maps=maps.astype(np.float16))
 
@@ -142,7 +143,7 @@ def measure(detector, checkpoint: Path, root: Path, ablation: str = "full") -> d
                     f"({t.get('train_images')} training + {t.get('holdout_images')} held-out images)",
         "metrics": metrics_for(default),
         "feature_pool": list(detector.calibration.feature_pool),
-        "pixel_smoothing": detector.calibration.pixel_smoothing_sigma,
+        "pixel_smoothing": detector.scoring.pixel_smoothing,
         "ablation": {name: evaluate_maps(s.labels, s.scores, s.masks, s.maps) for name, s in variants.items()},
     }
     train_images, holdout = checkpoint_split(detector, root)

@@ -9,7 +9,7 @@ scratches favour none while real bottle defects gain from it. So a fixed, seeded
 the good images) is set aside as a validation split; the candidates are compared on it by pixel AUROC + AUPRO, the
 criterion `diffad calibrate` uses for smoothing. `benchmarks/run.py` reports every method on the other four
 fifths, which the choices never saw. Writes benchmarks/CHOICE_selection.json; apply a choice with
-`diffad calibrate --checkpoint checkpoints/NAME --data DIR --feature-pool SIZES` or `--pixel-smoothing SIGMA`.
+`diffad calibrate --checkpoint checkpoints/NAME --data DIR --feature-pool SIZES` or `--scoring '{"pixel_smoothing": SIGMA}'`.
 """
 from __future__ import annotations
 
@@ -54,10 +54,14 @@ def select_feature_pool(detector, root: Path) -> dict:
 
 
 def select_pixel_smoothing(detector, root: Path) -> dict:
-    """Judged on the pixel map alone: the smoothing applies to it before it is combined."""
-    pixel_only = scoring_for_map(detector.scoring, detector.scoring.pixel_kind)
-    variants = {str(sigma): Variant(pixel_only, replace(detector.calibration, pixel_smoothing_sigma=sigma))
-                for sigma in SMOOTHING_CANDIDATES}
+    """Judged on the pixel map alone; each candidate changes the raw maps, so each is calibrated anew."""
+    original, holdout = detector.scoring, checkpoint_split(detector, root)[1]
+    variants = {}
+    for sigma in SMOOTHING_CANDIDATES:
+        detector.scoring = replace(original, pixel_smoothing=sigma)
+        calibration = calibrate(detector, holdout, timesteps=(), smoothing_sigma=detector.calibration.smoothing_sigma)
+        variants[str(sigma)] = Variant(scoring_for_map(detector.scoring, original.pixel_kind), calibration)
+    detector.scoring = original
     result = on_validation(detector, root, variants)
     return {**result, "chosen": float(result["chosen"])}
 

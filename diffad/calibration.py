@@ -75,10 +75,6 @@ class Calibration:
     # Gaussian smoothing of the combined map (sigma in pixels at the model resolution; 0 is none).
     smoothing_sigma: float = 0.0
     smoothing_trials: tuple[SmoothingTrial, ...] = ()
-    # Gaussian smoothing of the pixel (KL or RGB) map before it is combined, chosen on its own: a per-pixel squared
-    # error is far noisier than the feature map.
-    pixel_smoothing_sigma: float = 0.0
-    pixel_smoothing_trials: tuple[SmoothingTrial, ...] = ()
     normal_scores: tuple[float, ...] = ()
     image_threshold: float = math.inf
     mask_threshold: float = math.inf
@@ -126,8 +122,6 @@ class Calibration:
             "features": [{"pool": k, **stats(s)} for k, s in sorted(self.features.items())],
             "smoothing_sigma": self.smoothing_sigma,
             "smoothing_trials": [asdict(trial) for trial in self.smoothing_trials],
-            "pixel_smoothing_sigma": self.pixel_smoothing_sigma,
-            "pixel_smoothing_trials": [asdict(trial) for trial in self.pixel_smoothing_trials],
             "normal_scores": list(self.normal_scores),
             "image_threshold": self.image_threshold,
             "mask_threshold": self.mask_threshold,
@@ -163,8 +157,7 @@ class Calibration:
         for name in ("kl", "rgb"):
             if name in values:
                 values[name] = stats(values[name], name)
-        for key in ("smoothing_trials", "pixel_smoothing_trials"):
-            values[key] = tuple(SmoothingTrial(**trial) for trial in values.get(key, ()))
+        values["smoothing_trials"] = tuple(SmoothingTrial(**trial) for trial in values.get("smoothing_trials", ()))
         values["normal_scores"] = tuple(values.get("normal_scores", ()))
         gaussian = {k: tensors[k] for k in GAUSSIAN_KEYS if k in tensors}
         return cls(timesteps=timesteps, features=features, gaussian=FeatureGaussian.from_tensors(gaussian) if gaussian else None,
@@ -188,10 +181,9 @@ def measure_statistics(raw: RawMaps) -> Calibration:
 
 
 def select_smoothing(detector: "AnomalyDetector", normal_images: torch.Tensor, calibration: Calibration,
-                     sigmas=SMOOTHING_CANDIDATES, batch_size: int = 8, choose_pixel: bool = True) -> Calibration:
-    """The calibration with the pixel map's smoothing (unless not `choose_pixel`), then the combined map's, each
-    the candidate that best localises synthetic defects pasted into held-out normal images (never test data) by
-    `metrics.localisation_quality`; every candidate's result is kept."""
+                     sigmas=SMOOTHING_CANDIDATES, batch_size: int = 8) -> Calibration:
+    """The calibration with the combined map's smoothing: the candidate that best localises synthetic defects pasted
+    into held-out normal images (never test data) by `metrics.localisation_quality`; every candidate's result is kept."""
     from .data import to_uint8
     from .metrics import aupro, auroc, localisation_quality
     from .synth import DEFECT_TYPES, add_defect
@@ -207,29 +199,21 @@ def select_smoothing(detector: "AnomalyDetector", normal_images: torch.Tensor, c
     z = normalise(raw, calibration, scoring)
     masks = np.stack(masks)
 
-    def best(field: str, candidate_scoring) -> tuple[float, tuple[SmoothingTrial, ...]]:
-        trials = []
-        for sigma in sigmas:
-            trial_calibration = replace(calibration, **{field: float(sigma)})
-            maps = np.stack([c.anomaly for c in combine(z, trial_calibration, candidate_scoring)])
-            trials.append(SmoothingTrial(float(sigma), auroc(masks, maps), aupro(masks, maps)))
-        return max(trials, key=lambda trial: localisation_quality(asdict(trial))).sigma, tuple(trials)
-
-    if choose_pixel and scoring.alpha > 0:
-        sigma, trials = best("pixel_smoothing_sigma", replace(scoring, alpha=1.0))
-        calibration = replace(calibration, pixel_smoothing_sigma=sigma, pixel_smoothing_trials=trials)
-    sigma, trials = best("smoothing_sigma", scoring)
-    return replace(calibration, smoothing_sigma=sigma, smoothing_trials=trials)
+    trials = []
+    for sigma in sigmas:
+        maps = np.stack([c.anomaly for c in combine(z, replace(calibration, smoothing_sigma=float(sigma)), scoring)])
+        trials.append(SmoothingTrial(float(sigma), auroc(masks, maps), aupro(masks, maps)))
+    best = max(trials, key=lambda trial: localisation_quality(asdict(trial)))
+    return replace(calibration, smoothing_sigma=best.sigma, smoothing_trials=tuple(trials))
 
 
 def calibrate(detector: "AnomalyDetector", normal_images: torch.Tensor, *, timesteps=CALIBRATED_TIMESTEPS,
-              feature_pool=None, smoothing_sigma: float | None = None, pixel_smoothing_sigma: float | None = None,
-              gaussian: FeatureGaussian | None = None, batch_size: int = 8) -> Calibration:
+              feature_pool=None, smoothing_sigma: float | None = None, gaussian: FeatureGaussian | None = None,
+              batch_size: int = 8) -> Calibration:
     """Measure what normal looks like on held-out normal images (N, 3, R, R) with the detector's scoring.
 
     `timesteps` are calibrated besides the scoring's own; `feature_pool` (default: the detector's current
-    pooling sizes) are the feature maps made; `smoothing_sigma` and `pixel_smoothing_sigma` None choose them on
-    synthetic defects (a pixel smoothing is kept from the detector when only `smoothing_sigma` is given);
+    pooling sizes) are the feature maps made; `smoothing_sigma` None chooses it on synthetic defects;
     `gaussian` is the morph's feature model to keep (default: the detector's current one).
     """
     scoring = detector.scoring
@@ -238,13 +222,8 @@ def calibrate(detector: "AnomalyDetector", normal_images: torch.Tensor, *, times
     raw = detector.raw_maps(normal_images, timesteps, pools, keep_images=False, batch_size=batch_size)
     calibration = replace(measure_statistics(raw), smoothing_sigma=detector.calibration.smoothing_sigma,
                           gaussian=detector.calibration.gaussian if gaussian is None else _as_stored(gaussian))
-    if pixel_smoothing_sigma is None and smoothing_sigma is not None:
-        pixel_smoothing_sigma = detector.calibration.pixel_smoothing_sigma
-    if pixel_smoothing_sigma is not None:
-        calibration = replace(calibration, pixel_smoothing_sigma=float(pixel_smoothing_sigma))
     if smoothing_sigma is None:
-        calibration = select_smoothing(detector, normal_images, calibration, batch_size=batch_size,
-                                       choose_pixel=pixel_smoothing_sigma is None)
+        calibration = select_smoothing(detector, normal_images, calibration, batch_size=batch_size)
     else:
         calibration = replace(calibration, smoothing_sigma=float(smoothing_sigma))
     combined = combine(normalise(raw, calibration, scoring), calibration, scoring)

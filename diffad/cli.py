@@ -66,11 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="average the feature residual over K x K feature cells before squaring (odd K, 1 = off; "
                            "helps large texture defects, blurs small ones); several sizes, e.g. 1,3,9, average their "
                            "calibrated maps; default: keep the checkpoint's")
-    calibrate.add_argument("--pixel-smoothing", type=float, metavar="SIGMA",
-                           help="Gaussian smoothing of the pixel (KL) map in pixels, e.g. the one "
-                           "benchmarks/select_on_validation.py chooses; default: chosen on synthetic defects")
     calibrate.add_argument("--scoring", type=json.loads, default={},
-                           help='scoring overrides as JSON, e.g. \'{"kl_jump": 4, "centre_by_position": ["feature"]}\'')
+                           help='scoring overrides as JSON, e.g. \'{"pixel_smoothing": 16, "kl_jump": 4}\'')
 
     morph = sub.add_parser("morph", help="morph an image into a normal-looking one (GIF, MP4, before/after PNG)")
     _add_checkpoint_args(morph)
@@ -164,8 +161,7 @@ def cmd_evaluate(args) -> int:
 def cmd_calibrate(args) -> int:
     from .train import recalibrate
 
-    detector = recalibrate(args.checkpoint, args.data, feature_pool=args.feature_pool, scoring=args.scoring,
-                           pixel_smoothing=args.pixel_smoothing)
+    detector = recalibrate(args.checkpoint, args.data, feature_pool=args.feature_pool, scoring=args.scoring)
     print(f"{args.checkpoint}: image threshold {detector.calibration.image_threshold:.3f}, "
           f"mask threshold {detector.calibration.mask_threshold:.3f}, "
           f"feature pool {','.join(map(str, detector.calibration.feature_pool))}")

@@ -129,7 +129,7 @@ class AnomalyDetector:
             x0 = images[start : start + batch_size].to(self.device)
             parts.append(raw_maps(self.net, self.diffusion, x0, self.normalized_features(x0), timesteps,
                                   noise.expand(len(x0), *noise.shape).contiguous(), pools, keep_images,
-                                  kl_jump=scoring.kl_jump, clip_x0=scoring.clip_x0))
+                                  kl_jump=scoring.kl_jump, clip_x0=scoring.clip_x0, pixel_smoothing=scoring.pixel_smoothing))
         return parts[0] if len(parts) == 1 else RawMaps.cat(parts)
 
     def predict(self, image, *, seed: int | None = None, view_timesteps=()) -> Prediction:

@@ -51,7 +51,7 @@ def normalise(raw: RawMaps, calibration: "Calibration", scoring: ScoringConfig) 
 @dataclass(frozen=True)
 class CombinedMaps:
     anomaly: np.ndarray  # (R, R) the final map: sum over timesteps of alpha * pixel_z + (1 - alpha) * feature_z
-    pixel: np.ndarray  # (R, R) sum over timesteps of the z-normalised pixel (KL or RGB) maps, smoothed
+    pixel: np.ndarray  # (R, R) sum over timesteps of the z-normalised pixel (KL or RGB) maps
     feature: np.ndarray  # (R, R) sum over timesteps of the z-normalised feature maps (averaged over pooling sizes)
     score: float
 
@@ -67,9 +67,8 @@ def combine(z: RawMaps, calibration: "Calibration", scoring: ScoringConfig) -> l
     feature = feature.cpu().numpy()
     combined = []
     for i in range(len(pixel)):
-        smooth_pixel = gaussian_smooth(pixel[i], calibration.pixel_smoothing_sigma)
-        anomaly = gaussian_smooth(scoring.alpha * smooth_pixel + (1 - scoring.alpha) * feature[i], calibration.smoothing_sigma)
-        combined.append(CombinedMaps(anomaly, smooth_pixel, feature[i], top_k_mean(anomaly, scoring.top_k)))
+        anomaly = gaussian_smooth(scoring.alpha * pixel[i] + (1 - scoring.alpha) * feature[i], calibration.smoothing_sigma)
+        combined.append(CombinedMaps(anomaly, pixel[i], feature[i], top_k_mean(anomaly, scoring.top_k)))
     return combined
 
 
@@ -97,7 +96,7 @@ class StepMaps:
     kl: np.ndarray  # (R, R) bits
     features: dict[int, np.ndarray]  # pool size -> (R, R) squared error of normalised features
     rgb: np.ndarray  # (R, R) |x0_hat - x0| averaged over channels
-    kl_z: np.ndarray  # (R, R) the KL map in z units, centred and smoothed as the score has it
+    kl_z: np.ndarray  # (R, R) the KL map in z units, centred as the score centres it
     feature_z: np.ndarray  # (R, R) the finest feature map in z units
 
     @property
@@ -140,7 +139,6 @@ def postprocess(raw: RawMaps, images: torch.Tensor, calibration: "Calibration", 
     xt, x0_hat, kl, step_rgb = raw.xt.cpu(), raw.x0_hat.cpu(), raw.kl.cpu().numpy(), raw.rgb.cpu().numpy()
     features = {k: v.cpu().numpy() for k, v in raw.features.items()}
     kl_z, feature_z = z.kl.cpu().numpy(), z.features[min(raw.features)].cpu().numpy()
-    kl_z = np.stack([[gaussian_smooth(m, calibration.pixel_smoothing_sigma) for m in image] for image in kl_z])
     predictions = []
     for i, maps in enumerate(combined):
         steps = [StepMaps(t, xt[i, j], x0_hat[i, j], kl[i, j], {k: v[i, j] for k, v in features.items()}, step_rgb[i, j],

@@ -58,6 +58,10 @@ class ScoringConfig:
     kl_jump: int = 1
     clip_x0: bool = False
     fresh_noise: bool = False
+    # Gaussian smoothing (sigma in pixels at the model resolution) of the per-pixel KL and RGB maps as they are made,
+    # so that their calibration statistics, z units and panels are those of the smoothed map: a per-pixel squared
+    # error is far noisier than a defect is small (benchmarks/select_on_validation.py chooses it).
+    pixel_smoothing: float = 0.0
 
     def __post_init__(self):
         if self.normalisation not in NORMALISATIONS:
@@ -66,6 +70,8 @@ class ScoringConfig:
             raise ValueError(f"pixel_kind must be one of {PIXEL_KINDS}, got {self.pixel_kind!r}")
         if not 1 <= self.kl_jump <= 100:
             raise ValueError(f"kl_jump must be between 1 and 100 timesteps, got {self.kl_jump}")
+        if not 0 <= self.pixel_smoothing <= 64:
+            raise ValueError(f"pixel_smoothing must be a sigma between 0 and 64 pixels, got {self.pixel_smoothing}")
         object.__setattr__(self, "timesteps", tuple(int(t) for t in self.timesteps))
         if isinstance(self.centre_by_position, str) or not set(self.centre_by_position) <= set(MAP_KINDS):
             raise ValueError(f"centre_by_position must list map kinds among {MAP_KINDS}, got {self.centre_by_position!r}")
@@ -82,7 +88,7 @@ class ScoringConfig:
     @property
     def raw_options(self) -> tuple:
         """What the raw maps depend on besides the timesteps: variants that agree here share one model pass."""
-        return self.kl_jump, self.clip_x0, self.fresh_noise
+        return self.kl_jump, self.clip_x0, self.fresh_noise, self.pixel_smoothing
 
 
 def pool_sizes(value) -> tuple[int, ...]:
@@ -141,12 +147,14 @@ def raw_maps(
     forward_batch: int = 16,
     kl_jump: int = 1,
     clip_x0: bool = False,
+    pixel_smoothing: float = 0.0,
 ) -> RawMaps:
     """Raw maps for a batch of images (B, 3, R, R) at each of T timesteps.
 
     `target_features` are the normalised backbone features of x0; `noise` (B, 3, R, R) is shared by all timesteps
     so that the maps of one image differ only by the noise level, or (B, T, 3, R, R) is one draw per timestep.
-    `kl_jump`, `clip_x0`: the KL's reverse step and clipping (ScoringConfig). The B x T noised inputs go through the network
+    `kl_jump`, `clip_x0`, `pixel_smoothing`: the KL's reverse step and clipping, and the pixel maps' smoothing
+    (ScoringConfig). The B x T noised inputs go through the network
     together, `forward_batch` at a time: one image's timesteps cost one forward, not T. Pooling the feature
     residual over k x k cells lets texture the head cannot predict cancel out while a defect, which shifts the
     features coherently, stays. `keep_images`: also return x_t and x̂0 (for viewing; calibration does not need them).
@@ -160,9 +168,9 @@ def raw_maps(
     xt = diffusion.q_sample(x0_rows, t_rows, noise_rows)
     outs = [net(xt[i : i + forward_batch], t_rows[i : i + forward_batch]) for i in range(0, len(xt), forward_batch)]
     eps, v = torch.cat([o.eps for o in outs]), torch.cat([o.v for o in outs])
-    kl = diffusion.kl_map(x0_rows, xt, t_rows, eps, v, kl_jump, clip_x0)
+    kl = gaussian_blur(diffusion.kl_map(x0_rows, xt, t_rows, eps, v, kl_jump, clip_x0), pixel_smoothing)
     x0_hat = diffusion.predict_x0(xt, t_rows, eps).clamp(-1, 1)
-    rgb = (x0_hat - x0_rows).abs().mean(dim=1)
+    rgb = gaussian_blur((x0_hat - x0_rows).abs().mean(dim=1), pixel_smoothing)
     residual = torch.cat([o.features for o in outs]) - target_features.repeat_interleave(n_t, 0)
     features = {}
     for k in pool_sizes(feature_pool):
@@ -177,3 +185,16 @@ def raw_maps(
         timesteps, per_image(kl), per_image(rgb), {k: per_image(m) for k, m in features.items()},
         per_image(xt) if keep_images else None, per_image(x0_hat) if keep_images else None,
     )
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """(N, H, W) maps smoothed with a separable Gaussian (edges replicated, so any map size works)."""
+    if sigma <= 0:
+        return maps
+    radius = max(1, round(3 * sigma))
+    x = torch.arange(-radius, radius + 1, device=maps.device, dtype=maps.dtype)
+    kernel = torch.exp(-x**2 / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    out = F.conv2d(F.pad(maps[:, None], (radius, radius, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1))
+    out = F.conv2d(F.pad(out, (0, 0, radius, radius), mode="replicate"), kernel.view(1, 1, -1, 1))
+    return out[:, 0]

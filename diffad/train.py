@@ -288,17 +288,13 @@ def checkpoint_split(detector: AnomalyDetector, data) -> tuple[torch.Tensor, tor
     return images[train_idx], images[hold_idx]
 
 
-def recalibrate(checkpoint, data, feature_pool=None, scoring: dict | None = None,
-                pixel_smoothing: float | None = None) -> AnomalyDetector:
+def recalibrate(checkpoint, data, feature_pool=None, scoring: dict | None = None) -> AnomalyDetector:
     """Re-measure the calibration and refit the morph's feature Gaussian of an existing checkpoint, in place.
 
     Uses the same held-out split as training (same seed and fraction), so calibration never sees training images.
-    `feature_pool` (pooling sizes, e.g. "1,3,9") replaces the checkpoint's, `scoring` overrides its scoring
-    settings and `pixel_smoothing` fixes the pixel map's smoothing (else chosen on synthetic defects); a bad value
-    is refused before anything is measured or written.
+    `feature_pool` (pooling sizes, e.g. "1,3,9") replaces the checkpoint's and `scoring` overrides its scoring
+    settings; a bad value is refused before anything is measured or written.
     """
-    if pixel_smoothing is not None and not 0 <= pixel_smoothing <= 64:
-        raise ValueError(f"pixel smoothing must be a sigma between 0 and 64 pixels, got {pixel_smoothing}")
     detector = load_checkpoint(checkpoint)
     detector.scoring = ScoringConfig.from_dict({**detector.scoring.to_dict(), **(scoring or {})})
     pools = detector.calibration.feature_pool if feature_pool is None else pool_sizes(feature_pool)
@@ -306,7 +302,6 @@ def recalibrate(checkpoint, data, feature_pool=None, scoring: dict | None = None
     train_images, holdout = checkpoint_split(detector, data)
     features = augmented_features(detector.backbone, train_images, _augmentations(settings.augment), detector.device)
     gaussian = fit_feature_gaussian(detector.backbone, train_images, features.flatten(0, 1), settings.gaussian_dims, settings.seed)
-    detector.calibration = calibrate(detector, holdout, feature_pool=pools, pixel_smoothing_sigma=pixel_smoothing,
-                                     gaussian=gaussian)
+    detector.calibration = calibrate(detector, holdout, feature_pool=pools, gaussian=gaussian)
     save_checkpoint(detector, checkpoint)
     return detector

@@ -1,3 +1,4 @@
+import dataclasses
 
 import numpy as np
 import pytest
@@ -148,29 +149,38 @@ def test_the_papers_scoring_options_change_only_what_they_say(tiny_checkpoint, t
     assert ScoringConfig(kl_jump=4).raw_options != ScoringConfig().raw_options
 
 
-def test_pixel_map_smoothing_is_chosen_on_its_own_and_the_kl_panels_add_up_to_it(tiny_checkpoint, tiny_dataset, tmp_path):
-    from dataclasses import replace
+def test_gaussian_blur_is_scipys_with_nearest_edges():
+    from scipy.ndimage import gaussian_filter
 
-    from diffad.metrics import localisation_quality
+    from diffad.scoring import gaussian_blur
+
+    maps = torch.rand(2, 40, 24, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for sigma in (1.0, 4.0, 16.0):  # 16: the kernel is wider than the map
+        expected = np.stack([gaussian_filter(m, sigma, mode="nearest", truncate=3.0) for m in maps.numpy()])
+        np.testing.assert_allclose(gaussian_blur(maps, sigma).numpy(), expected, atol=1e-10)
+    assert gaussian_blur(maps, 0.0) is maps
+
+
+def test_pixel_smoothing_smooths_the_raw_maps_so_calibration_and_panels_are_of_the_smoothed_map(tiny_checkpoint, tiny_dataset, tmp_path):
+    from diffad.scoring import gaussian_blur
 
     folder = copy_of(tiny_checkpoint, tmp_path)
-    assert main(["calibrate", "--checkpoint", str(folder), "--data", str(tiny_dataset)]) == 0
+    assert main(["calibrate", "--checkpoint", str(folder), "--data", str(tiny_dataset), "--scoring", '{"pixel_smoothing": 4}']) == 0
     detector = load_checkpoint(folder)
-    calibration = detector.calibration
-    for chosen, trials in ((calibration.pixel_smoothing_sigma, calibration.pixel_smoothing_trials),
-                           (calibration.smoothing_sigma, calibration.smoothing_trials)):
-        assert [t.sigma for t in trials] == [0.0, 2.0, 4.0, 8.0, 16.0]
-        assert chosen == max(trials, key=lambda t: localisation_quality({"pixel_auroc": t.pixel_auroc, "aupro": t.aupro})).sigma
-    # The timestep slider's KL panels are smoothed as the score's pixel map is: over the scoring timesteps they add
-    # up to it exactly (Gaussian smoothing is linear).
-    detector.calibration = replace(calibration, pixel_smoothing_sigma=4.0)
-    image = sorted((tiny_dataset / "test" / "hole").iterdir())[0]
-    prediction = detector.predict(image)
+    images = torch.stack([detector.preprocess(p) for p in sorted((tiny_dataset / "test" / "hole").iterdir())[:2]])
+    smooth = detector.raw_maps(images)
+    sharp = detector.raw_maps(images, scoring=dataclasses.replace(detector.scoring, pixel_smoothing=0.0))
+    torch.testing.assert_close(smooth.x0_hat, sharp.x0_hat)
+    for name in ("kl", "rgb"):
+        expected = gaussian_blur(getattr(sharp, name).flatten(0, 1), 4.0).view_as(getattr(sharp, name))
+        torch.testing.assert_close(getattr(smooth, name), expected, rtol=1e-4, atol=1e-7)
+    # The statistics are the smoothed map's (smoothing shrinks the spread of a noisy map) ...
+    unsmoothed = load_checkpoint(tiny_checkpoint).calibration
+    assert (detector.calibration.kl.std < 0.9 * unsmoothed.kl.std).all()
+    # ... and the timestep slider's KL panels add up to the score's pixel map over the scoring timesteps.
+    prediction = detector.predict(images[0])
     panels = sum(step.kl_z for step in prediction.steps if step.t in detector.scoring.timesteps)
     np.testing.assert_allclose(prediction.pixel_map, panels, rtol=1e-4, atol=1e-4)
-    unsmoothed = replace(calibration, pixel_smoothing_sigma=0.0)
-    detector.calibration = unsmoothed
-    assert np.abs(detector.predict(image).pixel_map - prediction.pixel_map).max() > 0.1
 
 
 def test_calibrate_can_change_the_scoring_and_refuses_unknown_settings(tiny_checkpoint, tiny_dataset, tmp_path, capsys):
@@ -183,9 +193,5 @@ def test_calibrate_can_change_the_scoring_and_refuses_unknown_settings(tiny_chec
                  "--scoring", '{"kl_jump": 4, "centre_by_position": ["kl", "feature"]}']) == 0
     detector = load_checkpoint(folder)
     assert detector.scoring.kl_jump == 4 and detector.scoring.centre_by_position == ("kl", "feature")
-    # A fixed pixel smoothing is used as given, not chosen; a nonsensical one is refused.
-    assert main(["calibrate", "--checkpoint", str(folder), "--data", str(tiny_dataset), "--pixel-smoothing", "-1"]) == 2
-    assert main(["calibrate", "--checkpoint", str(folder), "--data", str(tiny_dataset), "--pixel-smoothing", "3"]) == 0
-    calibration = load_checkpoint(folder).calibration
-    assert calibration.pixel_smoothing_sigma == 3.0 and not calibration.pixel_smoothing_trials
-    assert len(calibration.smoothing_trials) == 5  # the combined map's smoothing is still chosen
+    assert main(["calibrate", "--checkpoint", str(folder), "--data", str(tiny_dataset), "--scoring", '{"pixel_smoothing": -1}']) == 2
+    assert "pixel_smoothing must be a sigma between 0 and 64" in capsys.readouterr().err
