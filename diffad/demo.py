@@ -48,6 +48,7 @@ class Analysis:
     ood_distance: float | None = None
     ood_threshold: float | None = None
     source: str = ""  # "local" or "Hub <repo>": never a server path
+    pixel_smoothing: float = 0.0  # of the KL panels, in model-input pixels
 
     @property
     def timesteps(self) -> list[int]:
@@ -139,6 +140,7 @@ def analyse(detector: AnomalyDetector, image, known_mask: np.ndarray | None = No
         ood_distance=distance,
         ood_threshold=None if ood is None else float(ood.threshold),
         source=source,
+        pixel_smoothing=detector.scoring.pixel_smoothing,
     )
 
 
@@ -257,8 +259,9 @@ STEP_TEXT = (
     "**t = {t}**: the photo mixed with noise (signal kept: {signal:.0%}) is all the model sees; x̂0 is its estimate of "
     "the clean part. The **KL** panel is the per-pixel KL divergence between the true reverse step (which knows the "
     "photo) and the model's: in effect the squared difference between the photo and x̂0, weighed by the model's "
-    "variance. It lights up where x̂0 differs from the photo more than it does on normal parts here: a defect the model "
-    "paints over with normal appearance, or detail it cannot restore at this noise level. At small t the defect shows "
+    "variance{smoothing}. It lights up where x̂0 differs from the photo more than it typically does on normal parts at "
+    "this t: a defect the model paints over with normal appearance, or detail it cannot restore at this noise level. "
+    "At small t the defect shows "
     "through the noise and x̂0 keeps part of it; at large t x̂0 is closer to a typical normal part, and also blurrier."
 )
 STEP_SCALE_TEXT = (
@@ -278,7 +281,9 @@ def step_view(analysis: Analysis, t: float) -> tuple:
     """(x_t, x̂0, KL map, feature map, explanation) at the computed timestep nearest to t."""
     shown = nearest_timestep(analysis, t)
     step = analysis.steps[analysis.timesteps.index(shown)]
-    text = STEP_TEXT.format(t=shown, signal=step["signal"])
+    smoothing = (f", averaged over neighbouring pixels (Gaussian σ = {analysis.pixel_smoothing:g} px of the model's "
+                 "input), as the score uses it") if analysis.pixel_smoothing else ""
+    text = STEP_TEXT.format(t=shown, signal=step["signal"], smoothing=smoothing)
     if shown != round(float(t)):
         text = f"(nearest computed timestep to {float(t):g}) " + text
     text += "\n\n" + STEP_SCALE_TEXT.format(category=analysis.category, top=STEP_Z_RANGE[1])

@@ -181,6 +181,11 @@ def test_pixel_smoothing_smooths_the_raw_maps_so_calibration_and_panels_are_of_t
     prediction = detector.predict(images[0])
     panels = sum(step.kl_z for step in prediction.steps if step.t in detector.scoring.timesteps)
     np.testing.assert_allclose(prediction.pixel_map, panels, rtol=1e-4, atol=1e-4)
+    # The text under the panels says they are smoothed, and how much.
+    from diffad.demo import analyse, step_view
+
+    assert "Gaussian σ = 4 px" in step_view(analyse(detector, images[0]), 200)[-1]
+    assert "Gaussian σ" not in step_view(analyse(load_checkpoint(tiny_checkpoint), images[0]), 200)[-1]
 
 
 def test_calibrate_can_change_the_scoring_and_refuses_unknown_settings(tiny_checkpoint, tiny_dataset, tmp_path, capsys):
