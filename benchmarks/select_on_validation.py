@@ -1,6 +1,9 @@
-"""Choose a category's feature-pooling sizes or pixel-map smoothing on a validation split of its labelled test images.
+"""Choose a category's feature pooling, pixel-map smoothing and pixel-map weight on a validation split of its
+labelled test images.
 
-    python benchmarks/select_on_validation.py --choose feature_pool pixel_smoothing --categories magnetic_tile bottle
+    python benchmarks/select_on_validation.py --choose feature_pool pixel_smoothing alpha --categories bottle
+
+Run the choices in that order, applying each before the next (each is judged with the ones before it in place).
 
 Synthetic defects cannot make these choices. For pooling, pasted defects are either small and sharp (every
 candidate scores ~0.99) or, when a wide faint kind is added, wide enough to make every category prefer coarse
@@ -9,7 +12,8 @@ scratches favour none while real bottle defects gain from it. So a fixed, seeded
 the good images) is set aside as a validation split; the candidates are compared on it by pixel AUROC + AUPRO, the
 criterion `diffad calibrate` uses for smoothing. `benchmarks/run.py` reports every method on the other four
 fifths, which the choices never saw. Writes benchmarks/CHOICE_selection.json; apply a choice with
-`diffad calibrate --checkpoint checkpoints/NAME --data DIR --feature-pool SIZES` or `--scoring '{"pixel_smoothing": SIGMA}'`.
+`diffad calibrate --checkpoint checkpoints/NAME --data DIR --feature-pool SIZES` or
+`--scoring '{"pixel_smoothing": SIGMA, "alpha": ALPHA}'`.
 """
 from __future__ import annotations
 
@@ -66,7 +70,18 @@ def select_pixel_smoothing(detector, root: Path) -> dict:
     return {**result, "chosen": float(result["chosen"])}
 
 
-SELECTORS = {"feature_pool": select_feature_pool, "pixel_smoothing": select_pixel_smoothing}
+# Weights of the pixel (KL) map against the feature map tried by select_alpha.
+ALPHAS = (0.1, 0.25, 0.5)
+
+
+def select_alpha(detector, root: Path) -> dict:
+    """The pixel map's weight in the combined map (raw maps and calibration are shared by every candidate)."""
+    variants = {str(a): Variant(replace(detector.scoring, alpha=a), detector.calibration) for a in ALPHAS}
+    result = on_validation(detector, root, variants)
+    return {**result, "chosen": float(result["chosen"])}
+
+
+SELECTORS = {"feature_pool": select_feature_pool, "pixel_smoothing": select_pixel_smoothing, "alpha": select_alpha}
 
 
 def main(argv=None):
