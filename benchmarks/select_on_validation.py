@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import DATA  # noqa: E402
 from diffad import load_checkpoint  # noqa: E402
 from diffad.calibration import SMOOTHING_CANDIDATES, calibrate  # noqa: E402
+from diffad.data import list_test_samples  # noqa: E402
 from diffad.evaluate import Variant, score_test_set, scoring_for_map, validation_split  # noqa: E402
 from diffad.metrics import evaluate_maps, localisation_quality  # noqa: E402
 from diffad.train import checkpoint_split  # noqa: E402
@@ -40,9 +41,9 @@ CANDIDATES = ((1,), (3,), (1, 3, 9))
 
 def on_validation(detector, root: Path, variants: dict[str, Variant]) -> dict:
     """The candidate variants compared on the validation fifth, and the best by localisation quality."""
-    scored = score_test_set(detector, root, variants)  # the whole split, so the split's order is run.py's; only
-    v = validation_split(next(iter(scored.values())).defects)  # the validation fifth is read
-    results = {name: evaluate_maps(s.labels[v], s.scores[v], s.masks[v], s.maps[v]) for name, s in scored.items()}
+    v = validation_split([sample.defect for sample in list_test_samples(root)])  # the same split run.py excludes
+    scored = score_test_set(detector, root, variants, subset=v)
+    results = {name: evaluate_maps(s.labels, s.scores, s.masks, s.maps) for name, s in scored.items()}
     chosen = max(results, key=lambda name: localisation_quality(results[name]))
     return {"validation_images": int(v.sum()), "test_images": int(v.size), "candidates": results, "chosen": chosen}
 

@@ -44,10 +44,15 @@ class ScoredSet:
 
 
 def score_test_set(detector: AnomalyDetector, root, variants: dict[str, Variant] | None = None,
-                   batch_size: int = 8, progress: bool = True, limit: int | None = None) -> dict[str, ScoredSet]:
-    """Score every test image once at the union of the variants' timesteps and combine per variant."""
+                   batch_size: int = 8, progress: bool = True, limit: int | None = None,
+                   subset: np.ndarray | None = None) -> dict[str, ScoredSet]:
+    """Score every test image once at the union of the variants' timesteps and combine per variant. `subset`: a
+    boolean mask over the split's images (e.g. `validation_split`) to score only those."""
     variants = variants or {"default": Variant(detector.scoring, detector.calibration)}
-    samples = list_test_samples(root)[:limit] if limit else list_test_samples(root)
+    samples = list_test_samples(root)
+    if subset is not None:
+        samples = [s for s, keep in zip(samples, subset) if keep]
+    samples = samples[:limit] if limit else samples
     # Variants whose raw maps agree (same noise and KL options) share one model pass over the union of their needs.
     groups: dict[tuple, list[str]] = {}
     for name, variant in variants.items():
