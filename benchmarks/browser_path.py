@@ -111,6 +111,7 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5, help="timestep scrubs and threshold changes (medians)")
     parser.add_argument("--no-save", action="store_true", help="print only (smoke runs)")
+    parser.add_argument("--note", help="a caveat shown with the results (e.g. the machine was not idle)")
     args = parser.parse_args(argv)
     from benchmarks.app_server import running_app
     from benchmarks.browser import chromium_page
@@ -122,7 +123,7 @@ def main(argv=None):
         steps = walk(page, url, args.repeats)
         chromium = page.context.browser.version
     result = {"date": time.strftime("%Y-%m-%d"), "threads": args.threads, "category": CATEGORY, "repeats": args.repeats,
-              "chromium": chromium, "morph_max_loops": MorphConfig().max_loops,
+              "chromium": chromium, "morph_max_loops": MorphConfig().max_loops, **({"note": args.note} if args.note else {}),
               **{k: round(v, 3) if isinstance(v, float) else [round(x, 3) for x in v] if isinstance(v, list) else v
                  for k, v in steps.items()}}
     print(result)
@@ -137,7 +138,7 @@ def render(b: dict) -> list[str]:
     return [f"## Web app in a real browser ({b['threads']} CPU threads, `benchmarks/browser_path.py`, headless Chromium "
             f"{b['chromium'].split('.')[0]}, {b['date']})", "",
             "The main path of `tests/test_app_browser.py`, timed from the user's action until the page shows the result "
-            f"(once each; scrub and threshold: medians of {b['repeats']}):", "",
+            f"(once each; scrub and threshold: medians of {b['repeats']}).{' ' + b['note'] if b.get('note') else ''}", "",
             f"- page load until the photo input is usable: {b['page_load_s']:.2f} s",
             f"- example \"{DEFECTIVE}\" clicked until the verdict and map show: {b['example_analysis_s']:.2f} s",
             f"- timestep scrub until the four panels and text show: {b['timestep_scrub_s'] * 1000:.0f} ms; "
