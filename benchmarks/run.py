@@ -4,7 +4,7 @@
     python benchmarks/run.py --categories bottle --sections morph --morph-images 10
 
 Each section is one measure/render pair (benchmarks/quality.py, denoiser.py, speed.py, morph_quality.py; the app's
-in app_latency.py and load_test.py). Sections not re-measured keep their stored results. Writes
+in app_latency.py, browser_path.py and load_test.py). Sections not re-measured keep their stored results. Writes
 benchmarks/results.json and benchmarks/results.md (linked from the README). Latency is measured with torch limited
 to --threads CPU threads (2 by default, like a free Hugging Face Space).
 """
@@ -21,7 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import app_latency, denoiser, kl_panel, load_test, morph_quality, quality, speed  # noqa: E402
+from benchmarks import app_latency, browser_path, denoiser, kl_panel, load_test, morph_quality, quality, speed  # noqa: E402
 from benchmarks.common import DATA  # noqa: E402
 from diffad import load_checkpoint  # noqa: E402
 from diffad.data import list_test_samples  # noqa: E402
@@ -57,6 +57,8 @@ def markdown(results: dict) -> str:
         out += speed.render(r["latency"]) + morph_quality.render(r) + [""]
     if results.get("app"):
         out += app_latency.render(results["app"])
+    if results.get("browser"):
+        out += browser_path.render(results["browser"])
     if results.get("reliability"):
         out += load_test.render(results["reliability"])
     return "\n".join(out)

@@ -3,43 +3,23 @@
 DIFFAD_SCREENSHOTS=folder keeps the screenshots (docs/ pictures are made from them); otherwise they go to tmp_path.
 """
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+from benchmarks.browser import CHROMIUM, SLOW, chromium_page, set_number, wait_image, wait_text
+
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is not installed (.ci/run installs it)")
-SLOW = 240_000  # ms: an analysis or a short morph on 2 shared CPU cores
 
 
 def text(page, selector) -> str:
     return page.inner_text(selector)
 
 
-def wait_text(page, selector, *needles, timeout=SLOW):
-    page.wait_for_function(
-        "([s, needles]) => { const e = document.querySelector(s); return e && needles.every(n => e.innerText.includes(n)); }",
-        arg=[selector, list(needles)], timeout=timeout)
-
-
-def set_number(page, slider_id, value):
-    box = page.locator(f"#{slider_id} input[type=number]")
-    box.fill(str(value))
-    box.press("Enter")
-
-
 def images_in(page, selector) -> int:
     return page.eval_on_selector_all(f"{selector} img", "imgs => imgs.filter(i => i.naturalWidth > 0).length")
-
-
-def wait_image(page, selector, timeout=60_000):
-    page.wait_for_function("s => [...document.querySelectorAll(s + ' img')].some(i => i.complete && i.naturalWidth > 0)",
-                           arg=selector, timeout=timeout)
 
 
 def links_in(page, selector) -> int:
@@ -53,17 +33,10 @@ def error_pills(page) -> int:
 
 @pytest.fixture(scope="module")
 def page(app_server, tmp_path_factory):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
-        try:
-            page = browser.new_page(viewport={"width": 1440, "height": 900})
-            page.goto(app_server, wait_until="domcontentloaded", timeout=120_000)
-            page.wait_for_selector("#photo input[type=file]", state="attached", timeout=120_000)
-            yield page
-        finally:
-            browser.close()
+    with chromium_page() as page:
+        page.goto(app_server, wait_until="domcontentloaded", timeout=120_000)
+        page.wait_for_selector("#photo input[type=file]", state="attached", timeout=120_000)
+        yield page
 
 
 @pytest.fixture(scope="module")
