@@ -245,6 +245,11 @@ class Requests:
         with self._lock:
             return self._latest.get(session) == token
 
+    def superseded(self, session: str | None, token) -> bool:
+        """Whether the session asked for another analysis after the one `token` names (API sessions never do)."""
+        with self._lock:
+            return session in self._latest and self._latest[session] != token
+
 
 REQUESTS = Requests()
 
@@ -355,10 +360,10 @@ def analyse_painting(registry: CheckpointRegistry, edited, category, request: gr
         raise gr.Error(str(exc).replace(path, "your painting"), print_exception=False) from exc
     outputs = analysis_outputs(analysis)
     if request is not None and not REQUESTS.is_latest(request.session_hash, token):  # another photo was chosen since
-        return tuple(gr.skip() for _ in range(len(outputs) + 3))
+        return tuple(gr.skip() for _ in range(len(outputs) + 4))
     found = auroc_sentence(pixel_auroc(analysis.maps["anomaly"], analysis.known_mask), analysis.known_mask)
     verdict, picture = outputs[1], outputs[3]
-    return *outputs, path, picture, f"{verdict}\n\n{found}"
+    return *outputs, path, picture, f"{verdict}\n\n{found}", token
 
 
 def redraw(analysis, map_label, mask_threshold, image_threshold):
@@ -393,7 +398,9 @@ def snap_timestep(analysis, t):
 
 @gpu
 def run_morph(registry: CheckpointRegistry, image_path, category, step_size, denoise_every, loops, seed,
-              focus=MorphConfig.focus):
+              focus=MorphConfig.focus, token=0, request: gr.Request = None):
+    """`token`: the page's analysis when the morph was asked for; the morph ends once another photo, example or
+    category is chosen in that tab, whether or not it had started."""
     config = MorphConfig(step_size=_finite(step_size, "step size"), denoise_every=int(_finite(denoise_every, "denoise every")),
                          max_loops=int(min(_finite(loops, "loops"), MAX_MORPH_LOOPS)), seed=int(_finite(seed, "seed")),
                          focus=_finite(focus, "focus"))
@@ -406,8 +413,12 @@ def run_morph(registry: CheckpointRegistry, image_path, category, step_size, den
     yield None, None, MORPH_STARTED, None, None  # a new morph: the previous one's results go at once
     frames, shown, threshold = [], [], detector.calibration.image_threshold
     typical = typical_normal_score(detector)
+    session = request.session_hash if request is not None else None
     try:
         for frame in morph(detector, image_path, config):
+            if REQUESTS.superseded(session, token):
+                log.info("morph stopped after %d frames: a new photo was chosen", len(frames))
+                return
             frames.append(frame.rgb())
             if len(frames) == 1:
                 canvas = MorphCanvas(image_path, frames[0])
@@ -558,20 +569,20 @@ def _wire(ui: SimpleNamespace, registry: CheckpointRegistry) -> None:
                ui.frame, ui.frame_map, ui.morph_status, ui.compare, ui.downloads]
     inputs = [ui.photo, ui.category]
     ui.api_trigger.click(bind(analyse_api, registry), inputs, outputs, api_name="analyse", concurrency_id="model")
-    morphing = ui.morph.click(bind(run_morph, registry),
-                              [ui.photo, ui.category, ui.step_size, ui.denoise_every, ui.loops, ui.seed, ui.focus],
-                              [ui.frame, ui.frame_map, ui.morph_status, ui.compare, ui.downloads], api_name="morph",
-                              concurrency_id="model")
+    ui.morph.click(bind(run_morph, registry),
+                   [ui.photo, ui.category, ui.step_size, ui.denoise_every, ui.loops, ui.seed, ui.focus, ui.request],
+                   [ui.frame, ui.frame_map, ui.morph_status, ui.compare, ui.downloads], api_name="morph", concurrency_id="model")
     page = bind(analyse_page, registry)
     page_outputs = outputs + [ui.photo, ui.request]  # an unreadable upload is removed, not left as a broken picture
     # Clear at once (no queue), then analyse: a new photo or category never sits beside the old results.
+    # A morph of the previous photo stops too, at its next frame: run_morph ends once the session's analysis token
+    # changes. Not Gradio's `cancels`: a cancelled stream leaves a red "Error" on the morph status, and the cancels of
+    # a .then listener (the examples' path) are never fired.
     triggers = [ui.photo.upload, ui.analyse.click, ui.category.input]
     if ui.examples is not None:  # an example sets the photo and the category, then this runs once
         triggers.append(ui.examples.load_input_event.then)
     for trigger in triggers:
-        # A morph of the previous photo stops too: its frames would otherwise keep arriving beside the new one.
-        trigger(analysing, [ui.category], page_outputs, queue=False, show_progress="hidden", api_visibility="private",
-                cancels=[morphing]).then(
+        trigger(analysing, [ui.category], page_outputs, queue=False, show_progress="hidden", api_visibility="private").then(
             page, inputs + [ui.request], page_outputs, api_visibility="private", concurrency_id="model", trigger_mode="always_last",
             show_progress_on=[ui.result])
     ui.photo.clear(lambda: cleared_outputs(WELCOME), None, outputs, queue=False, api_visibility="private")
@@ -585,10 +596,10 @@ def _wire(ui: SimpleNamespace, registry: CheckpointRegistry) -> None:
     ui.t_slider.change(scrub, [ui.state, ui.t_slider], [ui.xt, ui.x0, ui.kl, ui.feat, ui.step_text], api_name="timestep",
                        concurrency_limit=None, show_progress="hidden")
     ui.t_slider.release(snap_timestep, [ui.state, ui.t_slider], [ui.t_slider], api_visibility="private", queue=False)
-    _wire_paint(ui, registry, outputs, morphing)
+    _wire_paint(ui, registry, outputs)
 
 
-def _wire_paint(ui: SimpleNamespace, registry: CheckpointRegistry, outputs: list, morphing) -> None:
+def _wire_paint(ui: SimpleNamespace, registry: CheckpointRegistry, outputs: list) -> None:
     painting = [ui.editor, ui.click_target]
     for source, button in (("photo", ui.paint_from_photo), ("example", ui.paint_from_example)):
         # Queued, though quick: the gr.Error of an unqueued event never reaches the page.
@@ -601,10 +612,10 @@ def _wire_paint(ui: SimpleNamespace, registry: CheckpointRegistry, outputs: list
                      api_visibility="private", queue=False, show_progress="hidden")
     ui.click_target.select(place_clicked, [ui.editor, ui.paint_kind, ui.paint_size], painting, api_visibility="private",
                            show_progress="hidden")
-    # Its results replace the current photo's, so a morph of that photo stops (as for a new photo).
+    # Its results replace the current photo's; a morph of that photo stops as for a new photo (a new token).
     ui.paint_analyse.click(bind(analyse_painting, registry), [ui.editor, ui.category],
-                           outputs + [ui.photo, ui.paint_map, ui.paint_text], api_name="paint", concurrency_id="model",
-                           cancels=[morphing], show_progress_on=[ui.paint_map])
+                           outputs + [ui.photo, ui.paint_map, ui.paint_text, ui.request], api_name="paint", concurrency_id="model",
+                           show_progress_on=[ui.paint_map])
 
 
 def _finite(value, name: str) -> float:

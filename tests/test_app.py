@@ -220,6 +220,21 @@ def test_morph_clears_old_results_first_and_exports_a_steady_gif_at_the_input_si
     assert min(durations[0], durations[-1]) >= demo.GIF_HOLD_FRAMES * demo.GIF_FRAME_MS
 
 
+def test_a_new_photo_stops_a_morph_of_the_previous_one(registry):
+    import app
+
+    session = SimpleNamespace(session_hash="user-1")
+    token = app.REQUESTS.new(session.session_hash)  # the page's analysis of the photo the morph starts from
+    running = app.run_morph(registry, str(EXAMPLES / "crack.png"), "bottle", 0.02, 5, 4, 0, 2.0, token, request=session)
+    assert next(running)[2] == app.MORPH_STARTED
+    assert next(running)[2].startswith("Step 0")
+    app.REQUESTS.new(session.session_hash)  # another photo, example or category in that browser tab
+    assert list(running) == []  # no further frame, no summary, no downloads
+    # A morph asked for before the new photo, still waiting in the queue, ends at its first frame.
+    queued = app.run_morph(registry, str(EXAMPLES / "crack.png"), "bottle", 0.02, 5, 4, 0, 2.0, token, request=session)
+    assert [update[2] for update in queued] == [app.MORPH_STARTED]
+
+
 def test_importing_the_app_has_no_side_effects():
     def sources():
         return {p: p.read_bytes() for p in ROOT.iterdir() if p.suffix in (".py", ".pyi")}
@@ -355,12 +370,13 @@ def test_a_defect_placed_with_a_click_on_a_normal_example_is_found_by_the_map(re
     assert abs(cols.mean() - 150) < 4 and abs(rows.mean() - 90) < 4
 
     outputs = app.analyse_painting(registry, edited, "bottle", None, no_progress)
-    analysis, text = outputs[0], outputs[-1]
+    *outputs, path, paint_map, text, _ = outputs
+    analysis = outputs[0]
     assert analysis.known_mask is not None and analysis.known_mask.any()  # the painting is its known defect
-    assert "Anomalous" in text and outputs[-2] == outputs[3]  # the map shown in the tab is the map above
+    assert "Anomalous" in text and paint_map == outputs[3]  # the map shown in the tab is the map above
     value = float(text.split("pixel AUROC **")[1][:4])
     assert value > 0.9, text
-    assert np.array_equal(np.asarray(Image.open(outputs[-3]).convert("RGB")), shown)
+    assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), shown)
 
 
 def test_the_colour_bar_marks_the_threshold_at_its_value_and_the_cached_bar_stays_clean():
