@@ -1,7 +1,7 @@
-"""Choose a category's feature pooling, pixel-map smoothing and pixel-map weight on a validation split of its
-labelled test images.
+"""Choose a category's feature pooling, pixel-map smoothing, pixel-map weight and combined-map smoothing on a
+validation split of its labelled test images.
 
-    python benchmarks/select_on_validation.py --choose feature_pool pixel_smoothing alpha --categories bottle
+    python benchmarks/select_on_validation.py --choose feature_pool pixel_smoothing alpha smoothing --categories bottle
 
 Run the choices in that order, applying each before the next (each is judged with the ones before it in place).
 
@@ -13,7 +13,7 @@ the good images) is set aside as a validation split; the candidates are compared
 criterion `diffad calibrate` uses for smoothing. `benchmarks/run.py` reports every method on the other four
 fifths, which the choices never saw. Writes benchmarks/CHOICE_selection.json; apply a choice with
 `diffad calibrate --checkpoint checkpoints/NAME --data DIR --feature-pool SIZES` or
-`--scoring '{"pixel_smoothing": SIGMA, "alpha": ALPHA}'`.
+`--scoring '{"pixel_smoothing": SIGMA, "alpha": ALPHA}' --smoothing SIGMA`.
 """
 from __future__ import annotations
 
@@ -82,7 +82,16 @@ def select_alpha(detector, root: Path) -> dict:
     return {**result, "chosen": float(result["chosen"])}
 
 
-SELECTORS = {"feature_pool": select_feature_pool, "pixel_smoothing": select_pixel_smoothing, "alpha": select_alpha}
+def select_smoothing(detector, root: Path) -> dict:
+    """The combined map's smoothing (`diffad calibrate` otherwise chooses it on synthetic defects)."""
+    variants = {str(sigma): Variant(detector.scoring, replace(detector.calibration, smoothing_sigma=sigma))
+                for sigma in SMOOTHING_CANDIDATES}
+    result = on_validation(detector, root, variants)
+    return {**result, "chosen": float(result["chosen"])}
+
+
+SELECTORS = {"feature_pool": select_feature_pool, "pixel_smoothing": select_pixel_smoothing, "alpha": select_alpha,
+             "smoothing": select_smoothing}
 
 
 def main(argv=None):

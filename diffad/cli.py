@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "calibrated maps; default: keep the checkpoint's")
     calibrate.add_argument("--scoring", type=json.loads, default={},
                            help='scoring overrides as JSON, e.g. \'{"pixel_smoothing": 16, "kl_jump": 4}\'')
+    calibrate.add_argument("--smoothing", type=float, metavar="SIGMA",
+                           help="Gaussian smoothing of the combined map in pixels at the model resolution (0 = none); "
+                           "default: chosen on synthetic defects pasted into held-out normal images")
 
     morph = sub.add_parser("morph", help="morph an image into a normal-looking one (GIF, MP4, before/after PNG)")
     _add_checkpoint_args(morph)
@@ -161,10 +164,12 @@ def cmd_evaluate(args) -> int:
 def cmd_calibrate(args) -> int:
     from .train import recalibrate
 
-    detector = recalibrate(args.checkpoint, args.data, feature_pool=args.feature_pool, scoring=args.scoring)
+    detector = recalibrate(args.checkpoint, args.data, feature_pool=args.feature_pool, scoring=args.scoring,
+                           smoothing_sigma=args.smoothing)
     print(f"{args.checkpoint}: image threshold {detector.calibration.image_threshold:.3f}, "
           f"mask threshold {detector.calibration.mask_threshold:.3f}, "
-          f"feature pool {','.join(map(str, detector.calibration.feature_pool))}")
+          f"feature pool {','.join(map(str, detector.calibration.feature_pool))}, "
+          f"smoothing {detector.calibration.smoothing_sigma:g}")
     return 0
 
 

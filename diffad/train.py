@@ -288,20 +288,24 @@ def checkpoint_split(detector: AnomalyDetector, data) -> tuple[torch.Tensor, tor
     return images[train_idx], images[hold_idx]
 
 
-def recalibrate(checkpoint, data, feature_pool=None, scoring: dict | None = None) -> AnomalyDetector:
+def recalibrate(checkpoint, data, feature_pool=None, scoring: dict | None = None,
+                smoothing_sigma: float | None = None) -> AnomalyDetector:
     """Re-measure the calibration and refit the morph's feature Gaussian of an existing checkpoint, in place.
 
     Uses the same held-out split as training (same seed and fraction), so calibration never sees training images.
     `feature_pool` (pooling sizes, e.g. "1,3,9") replaces the checkpoint's and `scoring` overrides its scoring
-    settings; a bad value is refused before anything is measured or written.
+    settings; `smoothing_sigma` fixes the combined map's smoothing (None: chosen on synthetic defects). A bad value
+    is refused before anything is measured or written.
     """
     detector = load_checkpoint(checkpoint)
     detector.scoring = ScoringConfig.from_dict({**detector.scoring.to_dict(), **(scoring or {})})
+    if smoothing_sigma is not None and not 0 <= smoothing_sigma <= 64:
+        raise ValueError(f"smoothing must be a sigma between 0 and 64 pixels, got {smoothing_sigma}")
     pools = detector.calibration.feature_pool if feature_pool is None else pool_sizes(feature_pool)
     settings = training_config(detector)
     train_images, holdout = checkpoint_split(detector, data)
     features = augmented_features(detector.backbone, train_images, _augmentations(settings.augment), detector.device)
     gaussian = fit_feature_gaussian(detector.backbone, train_images, features.flatten(0, 1), settings.gaussian_dims, settings.seed)
-    detector.calibration = calibrate(detector, holdout, feature_pool=pools, gaussian=gaussian)
+    detector.calibration = calibrate(detector, holdout, feature_pool=pools, smoothing_sigma=smoothing_sigma, gaussian=gaussian)
     save_checkpoint(detector, checkpoint)
     return detector
