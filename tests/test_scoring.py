@@ -200,3 +200,7 @@ def test_calibrate_can_change_the_scoring_and_refuses_unknown_settings(tiny_chec
     assert detector.scoring.kl_jump == 4 and detector.scoring.centre_by_position == ("kl", "feature")
     assert main(["calibrate", "--checkpoint", str(folder), "--data", str(tiny_dataset), "--scoring", '{"pixel_smoothing": -1}']) == 2
     assert "pixel_smoothing must be a sigma between 0 and 64" in capsys.readouterr().err
+    assert main(["calibrate", "--checkpoint", str(folder), "--data", str(tiny_dataset), "--smoothing", "70"]) == 2
+    assert "smoothing must be a sigma between 0 and 64" in capsys.readouterr().err
+    assert main(["calibrate", "--checkpoint", str(folder), "--data", str(tiny_dataset), "--smoothing", "3"]) == 0
+    assert load_checkpoint(folder).calibration.smoothing_sigma == 3.0  # fixed, not chosen on synthetic defects
