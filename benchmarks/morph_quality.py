@@ -24,8 +24,8 @@ def psnr(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
-# The default morph (each update weighted by the anomaly map, focus = 2) and the paper's (every pixel updated).
-MORPH_VARIANTS = {"morph": MorphConfig(), "morph_paper": MorphConfig(focus=0.0)}
+# The default morph (updates weighted by the anomaly map, gradient smoothed) and the paper's (every pixel, raw gradient).
+MORPH_VARIANTS = {"morph": MorphConfig(), "morph_paper": MorphConfig(focus=0.0, gradient_smoothing=0.0)}
 
 
 def patchcore_judge(detector, root) -> tuple[PatchCore, float]:
@@ -88,6 +88,7 @@ def morph_quality(detector, scored: ScoredSet, n_images: int, threads: int, conf
     return {
         "images": len(rows),
         "focus": config.focus,
+        "gradient_smoothing": config.gradient_smoothing,
         "stop_at": config.stop_at,
         "max_loops": config.max_loops,
         "loops_used": [r["loops"] for r in morphed],
@@ -139,7 +140,8 @@ def render(r: dict) -> list[str]:
     elif r.get("morph"):
         m = r["morph"]
         out = [f"- morph: first frame {m['median_first_frame_s']:.2f} s, complete {m['median_total_s']:.2f} s", "",
-               f"### Morph ({m['images']} defective test images, default settings (focus = {m['focus']:g}); "
+               f"### Morph ({m['images']} defective test images, default settings (focus = {m['focus']:g}, gradient "
+               f"smoothing {m.get('gradient_smoothing', 0):g} px); "
                f"{sum(row['loops'] == 0 for row in m.get('rows', []))} of them already scored normal, needed no morph "
                f"and are left out of these figures)", "",
                *judged_lines(m),
@@ -149,7 +151,7 @@ def render(r: dict) -> list[str]:
                f"- feature energy at the end / at the start: {m['median_energy_ratio']:.2f} (median)"]
         f = r.get("morph_paper", {})
         if "normal_after_fraction" in f:
-            out += [f"- the paper's morph (`focus = 0`, every pixel updated): below the threshold "
+            out += [f"- the paper's morph (`focus = 0`, every pixel updated by the raw gradient): below the threshold "
                     f"**{f['normal_after_fraction']:.0%}**, PSNR outside the mask **{f['median_psnr_outside_mask_db']:.1f} dB**, "
                     f"change inside {f['median_abs_change_inside_mask']:.1f} grey levels, energy ratio "
                     f"{f['median_energy_ratio']:.2f}, complete in {f['median_total_s']:.2f} s"]

@@ -81,7 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     morph.add_argument("--loops", type=int, default=MorphConfig.max_loops)
     morph.add_argument("--seed", type=int, default=MorphConfig.seed)
     morph.add_argument("--focus", type=float, default=MorphConfig.focus,
-                       help="above 0: change pixels by how anomalous they look (keeps normal detail); 0: the paper's morph")
+                       help="above 0: change pixels by how anomalous they look (keeps normal detail); 0: every pixel, "
+                            "as the paper's morph")
+    morph.add_argument("--gradient-smoothing", type=float, default=MorphConfig.gradient_smoothing, metavar="SIGMA",
+                       help="smooth the energy gradient (pixels) so the picture changes, not its texture; 0: the paper's")
     morph.add_argument("--stop-at", choices=STOP_RULES, default=MorphConfig.stop_at,
                        help="typical: stop once the part scores like the median normal part; threshold: once the "
                             "verdict is normal; never: run every loop")
@@ -178,7 +181,7 @@ def cmd_morph(args) -> int:
 
     detector = load_checkpoint(args.checkpoint, args.category, args.revision, device=args.device)
     config = MorphConfig(step_size=args.step_size, denoise_every=args.denoise_every, max_loops=args.loops, seed=args.seed,
-                         focus=args.focus, stop_at=args.stop_at)
+                         focus=args.focus, gradient_smoothing=args.gradient_smoothing, stop_at=args.stop_at)
     frames = []
     for frame in morph(detector, args.image, config):
         frames.append(frame)

@@ -6,7 +6,8 @@ from PIL import Image
 
 from diffad import load_checkpoint
 from diffad.gaussian import FeatureGaussian, fit_feature_gaussian
-from diffad.morph import MorphConfig, before_after, energy_gradient, export_gif, export_mp4, feature_gaussian, focus_weight, morph
+from diffad.morph import (MorphConfig, before_after, descent_direction, energy_gradient, export_gif, export_mp4,
+                          feature_gaussian, focus_weight, morph)
 from tests.conftest import BOTTLE, needs_bottle
 
 
@@ -43,6 +44,24 @@ def test_energy_gradient_matches_finite_differences(detector, defective):
         assert analytic == pytest.approx(numeric, rel=0.02)
 
 
+def test_the_smoothed_direction_still_descends_but_changes_the_picture_at_a_coarser_scale(detector, defective):
+    x = detector.preprocess(defective)
+    gaussian = feature_gaussian(detector)
+
+    def energy(image):
+        with torch.no_grad():
+            return float(gaussian.energy(detector.backbone(image[None]))[0])
+
+    def roughness(direction):  # neighbouring-pixel differences against the direction's own size
+        return float((direction[:, :, 1:] - direction[:, :, :-1]).abs().mean() / direction.abs().mean())
+
+    raw, smooth = (descent_direction(detector, gaussian, x, sigma) for sigma in (0.0, 2.0))
+    assert all(0.5 < float(d.std()) <= 1.0 + 1e-4 and d.abs().max() <= 3.0 for d in (raw, smooth))  # unit std, clipped
+    assert roughness(smooth) < 0.5 * roughness(raw)
+    for direction in (raw, smooth):
+        assert energy(x - 0.01 * direction) < energy(x)
+
+
 def test_frames_are_deterministic_and_exportable(detector, defective, tmp_path):
     config = MorphConfig(denoise_every=2, max_loops=3, stop_at="never", seed=3)
     frames = list(morph(detector, defective, config))
@@ -72,6 +91,7 @@ def test_frames_are_deterministic_and_exportable(detector, defective, tmp_path):
         (MorphConfig(timestep=5000), "timestep"),
         (MorphConfig(focus=-1.0), "focus"),
         (MorphConfig(focus=float("nan")), "focus"),
+        (MorphConfig(gradient_smoothing=-1.0), "gradient_smoothing"),
         (MorphConfig(stop_at="normal"), "stop_at"),
     ],
 )
