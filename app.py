@@ -241,10 +241,6 @@ class Requests:
                 self._latest.popitem(last=False)
             return token
 
-    def is_latest(self, session: str, token) -> bool:
-        with self._lock:
-            return self._latest.get(session) == token
-
     def superseded(self, session: str | None, token) -> bool:
         """Whether the session asked for another analysis after the one `token` names (API sessions never do)."""
         with self._lock:
@@ -273,7 +269,7 @@ def analyse_page(registry: CheckpointRegistry, image_path, category, token, requ
             unreadable = isinstance(exc.__cause__, DataError)
             hint = " Photos in PNG, JPEG, BMP, TIFF or WebP work." if unreadable else ""
             outputs = (*cleared_outputs(message_markdown(str(exc).rstrip(".") + "." + hint)), None if unreadable else gr.update())
-    if request is not None and not REQUESTS.is_latest(request.session_hash, token):
+    if request is not None and REQUESTS.superseded(request.session_hash, token):
         return tuple(gr.skip() for _ in range(len(outputs) + 1))
     return *outputs, token
 
@@ -359,7 +355,7 @@ def analyse_painting(registry: CheckpointRegistry, edited, category, request: gr
     except InputProblem as exc:
         raise gr.Error(str(exc).replace(path, "your painting"), print_exception=False) from exc
     outputs = analysis_outputs(analysis)
-    if request is not None and not REQUESTS.is_latest(request.session_hash, token):  # another photo was chosen since
+    if request is not None and REQUESTS.superseded(request.session_hash, token):  # another photo was chosen since
         return tuple(gr.skip() for _ in range(len(outputs) + 4))
     found = auroc_sentence(pixel_auroc(analysis.maps["anomaly"], analysis.known_mask), analysis.known_mask)
     verdict, picture = outputs[1], outputs[3]
