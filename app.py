@@ -29,6 +29,7 @@ from PIL import Image
 from diffad import CheckpointError, DataError
 from diffad.data import read_image
 from diffad.demo import (
+    FOCUS_LABEL,
     MAP_CHOICES,
     MORPH_STARTED,
     Analysis,
@@ -496,7 +497,7 @@ def _layout(categories, default, source_note) -> SimpleNamespace:
             ui.denoise_every = gr.Slider(1, 20, value=MorphConfig.denoise_every, step=1, label="Denoise every N_d steps")
             ui.loops = gr.Slider(1, MAX_MORPH_LOOPS, value=MorphConfig.max_loops, step=1, label="Max loops", elem_id="loops")
             ui.seed = gr.Number(MorphConfig.seed, precision=0, minimum=0, maximum=2**32 - 1, label="Seed")
-            ui.focus = gr.Slider(0, 4, value=MorphConfig.focus, step=0.5, label="Focus on what looks anomalous "
+            ui.focus = gr.Slider(0, 4, value=MorphConfig.focus, step=0.5, label=f"{FOCUS_LABEL} "
                                  "(0: change every pixel, as the paper's morph does)", elem_id="focus")
         ui.morph = gr.Button("Morph", variant="primary", elem_id="morph")
         ui.morph_status = gr.Markdown(elem_id="morph-status")

@@ -344,13 +344,17 @@ def morph_status(frame, image_threshold: float, typical_score: float) -> str:
             f"a typical normal part scores {typical_score:.2f}){reached}")
 
 
+# The app's control for MorphConfig.focus, named in the morph's advice.
+FOCUS_LABEL = "Focus on what looks anomalous"
+
+
 def morph_done(status: str, last_frame, max_loops: int) -> str:
     """What the morph reached, and what to try when it ran out of loops."""
     loops = last_frame.loop
     if last_frame.is_typical:
         return status + f" — finished after {loops} loops: the part now scores like a typical normal part."
-    advice = ("more loops, or a larger step size; for a large defect, untick “Only change what looks anomalous” "
-              "(the paper's morph changes every pixel)")
+    advice = (f"more loops, or a larger step size; for a large defect, set “{FOCUS_LABEL}” to 0 "
+              "(every pixel then changes, as in the paper's morph)")
     if last_frame.is_normal:
         return (status + f" — finished at the {max_loops}-loop limit: under the verdict threshold, but still above a "
                 f"typical normal part, so traces of the defect may remain. Try {advice}.")

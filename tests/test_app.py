@@ -287,7 +287,7 @@ def test_pictures_shared_by_concurrent_users_are_never_half_written():
 def test_the_morph_says_what_it_reached_and_what_to_try_when_loops_run_out():
     from types import SimpleNamespace
 
-    from diffad.demo import morph_done
+    from diffad.demo import FOCUS_LABEL, morph_done
 
     def end(typical, normal):
         return morph_done("status", SimpleNamespace(loop=16, is_typical=typical, is_normal=normal), 16)
@@ -295,6 +295,7 @@ def test_the_morph_says_what_it_reached_and_what_to_try_when_loops_run_out():
     assert "scores like a typical normal part" in end(True, True) and "Try" not in end(True, True)
     assert "under the verdict threshold, but still above a typical normal part" in end(False, True) and "Try more loops" in end(False, True)
     assert "still scores as anomalous" in end(False, False) and "Try more loops" in end(False, False)
+    assert f"set “{FOCUS_LABEL}” to 0" in end(False, False)  # the control the page shows, by its label
 
 
 def painting_of(photo: np.ndarray, painted: np.ndarray) -> dict:
