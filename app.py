@@ -51,6 +51,7 @@ from diffad.demo import (
     step_view,
     summary,
     verdict_markdown,
+    with_all_steps,
 )
 from diffad.morph import MorphConfig, before_after, export_mp4, morph, typical_normal_score
 from diffad.paint import as_rgb, auroc_sentence, canvas, painted_mask, pixel_auroc, place_defect
@@ -165,8 +166,10 @@ def _load(registry: CheckpointRegistry, category: str):
         raise InputProblem(str(exc)) from exc
 
 
-def _analysis(registry: CheckpointRegistry, image_path, category, progress, known_mask=None) -> Analysis:
-    """`known_mask`: the defect's true pixels (a painting's); by default an example's own mask, if it is one."""
+def _analysis(registry: CheckpointRegistry, image_path, category, progress, known_mask=None,
+              all_steps: bool = True) -> Analysis:
+    """`known_mask`: the defect's true pixels (a painting's); by default an example's own mask, if it is one.
+    `all_steps=False`: only the scored timesteps' panels (`_completed` adds the others)."""
     if not image_path:
         raise InputProblem("Upload a photo or pick an example first.")
     progress(0.1, desc=f"loading {category}")
@@ -177,7 +180,7 @@ def _analysis(registry: CheckpointRegistry, image_path, category, progress, know
     progress(0.3, desc="noising and denoising")
     try:
         analysis = analyse(detector, image_path, known_mask=known_mask, ood=registry.feature_distance(category),
-                           source=origin)
+                           source=origin, all_steps=all_steps)
     except (DataError, ValueError) as exc:  # the temporary upload path means nothing to the user
         raise InputProblem(str(exc).replace(str(image_path), Path(image_path).name)) from exc
     finally:
@@ -186,12 +189,25 @@ def _analysis(registry: CheckpointRegistry, image_path, category, progress, know
     return analysis
 
 
-def analysis_outputs(analysis: Analysis) -> tuple:
-    """Every output of an analysis, in ANALYSIS_OUTPUTS order; the morph's previous results are cleared."""
+def _completed(registry: CheckpointRegistry, analysis: Analysis) -> Analysis:
+    """The analysis with every calibrated timestep's panels."""
+    detector, _ = _load(registry, analysis.category)
+    try:
+        return with_all_steps(detector, analysis)
+    finally:
+        release_memory()
+
+
+def analysis_outputs(analysis: Analysis, shown_t: int | None = None) -> tuple:
+    """Every output of an analysis, in ANALYSIS_OUTPUTS order, with the panels at `shown_t` (default: the smallest
+    timestep computed); the morph's previous results are cleared."""
     label = next(iter(MAP_CHOICES))
     ranges = slider_ranges(analysis)
     (_, mask_top, mask_value), (_, image_top, image_value) = ranges["mask"], ranges["image"]
-    first = min(analysis.timesteps)
+    first = min(analysis.timesteps) if shown_t is None else shown_t
+    *pictures, step_text = step_files(analysis, first)
+    if not analysis.complete:
+        step_text += "\n\n" + STEPS_COMING
     return (
         analysis,
         verdict_markdown(analysis, image_value, mask_value),
@@ -200,10 +216,24 @@ def analysis_outputs(analysis: Analysis) -> tuple:
         gr.update(value=label),
         gr.update(minimum=0.0, maximum=mask_top, value=mask_value),
         gr.update(minimum=0.0, maximum=image_top, value=image_value),
-        *step_files(analysis, first),
-        gr.update(minimum=first, maximum=max(analysis.timesteps), value=first),
+        *pictures,
+        step_text,
+        # Scrubbing waits for every timestep: until then the panels could only jump between the scored ones.
+        gr.update(minimum=min(analysis.timesteps), maximum=max(analysis.timesteps), value=first,
+                  interactive=analysis.complete),
         *MORPH_CLEARED,
     )
+
+
+STEPS_COMING = "*The other timesteps are on their way: the slider opens when they are here.*"
+
+
+def completed_outputs(analysis: Analysis, shown_t: int) -> tuple:
+    """What the page changes when the remaining timesteps arrive (the panels still show `shown_t`): the State, the
+    text under the panels and the slider, now open. The verdict and thresholds stay as the user may have set them."""
+    return (analysis, *[gr.skip()] * 10, step_view(analysis, shown_t)[-1],
+            gr.update(minimum=min(analysis.timesteps), maximum=max(analysis.timesteps), interactive=True),
+            *[gr.skip()] * len(MORPH_CLEARED))
 
 
 def cleared_outputs(message: str) -> tuple:
@@ -218,8 +248,12 @@ WELCOME = "Pick an example or upload a photo to see the verdict here."
 
 @gpu
 def analyse_api(registry: CheckpointRegistry, image_path, category, progress=gr.Progress()):
+    """Two results: the verdict, maps and the scored timesteps' panels as soon as the score is known, then the same
+    with every timestep for the slider (what `predict` returns)."""
     try:
-        return analysis_outputs(_analysis(registry, image_path, category, progress))
+        analysis = _analysis(registry, image_path, category, progress, all_steps=False)
+        yield analysis_outputs(analysis)
+        yield analysis_outputs(_completed(registry, analysis), shown_t=min(analysis.timesteps))
     except InputProblem as exc:
         raise gr.Error(str(exc), print_exception=False) from exc
 
@@ -260,19 +294,34 @@ def analysing(category, request: gr.Request) -> tuple:
 @gpu
 def analyse_page(registry: CheckpointRegistry, image_path, category, token, request: gr.Request, progress=gr.Progress()):
     """Upload, example, category and button: problems become one message where the verdict goes, never a
-    red Error on every panel. The outputs end with the photo (an unreadable one is removed) and the request token."""
+    red Error on every panel. The outputs end with the photo (an unreadable one is removed) and the request token.
+    The verdict, map and scored timesteps come first; the other timesteps follow into the State and the slider.
+    Nothing more is shown once the session has asked for another analysis."""
+    def superseded() -> bool:
+        return request is not None and REQUESTS.superseded(request.session_hash, token)
+
+    analysis = None
     if not image_path:
         outputs = (*cleared_outputs(WELCOME), gr.update())
     else:
         try:
-            outputs = (*analysis_outputs(_analysis(registry, image_path, category, progress)), gr.update())
+            analysis = _analysis(registry, image_path, category, progress, all_steps=False)
+            outputs = (*analysis_outputs(analysis), gr.update())
         except InputProblem as exc:
             unreadable = isinstance(exc.__cause__, DataError)
             hint = " Photos in PNG, JPEG, BMP, TIFF or WebP work." if unreadable else ""
             outputs = (*cleared_outputs(message_markdown(str(exc).rstrip(".") + "." + hint)), None if unreadable else gr.update())
-    if request is not None and REQUESTS.superseded(request.session_hash, token):
-        return tuple(gr.skip() for _ in range(len(outputs) + 1))
-    return *outputs, token
+    if superseded():
+        return
+    yield *outputs, token
+    if analysis is not None and not superseded():
+        try:
+            complete = _completed(registry, analysis)
+        except InputProblem as exc:  # the checkpoint went away meanwhile: the verdict stands, the slider keeps 3 stops
+            log.warning("no further timesteps for %s: %s", category, exc)
+            return
+        if not superseded():
+            yield *completed_outputs(complete, min(analysis.timesteps)), gr.skip(), gr.skip()
 
 
 PAINT_KINDS = {kind.replace("_", " "): kind for kind in DEFECT_TYPES}

@@ -9,7 +9,7 @@ import functools
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +49,13 @@ class Analysis:
     ood_threshold: float | None = None
     source: str = ""  # "local" or "Hub <repo>": never a server path
     pixel_smoothing: float = 0.0  # of the KL panels, in model-input pixels
+    model_input: torch.Tensor | None = None  # (3, R, R) the photo as the model saw it: the later panels are made from it
+    seed: int | None = None
+
+    @property
+    def complete(self) -> bool:
+        """Whether the panels of every calibrated timestep are there (an analysis shows its scored ones first)."""
+        return self.model_input is None
 
     @property
     def timesteps(self) -> list[int]:
@@ -95,9 +102,9 @@ def resize_picture(picture: np.ndarray, size: tuple[int, int], resample=Image.BI
     return np.asarray(Image.fromarray(picture).resize(size, resample))
 
 
-def _step_views(detector: AnomalyDetector, prediction, size: tuple[int, int]) -> list[dict]:
+def _step_views(detector: AnomalyDetector, step_maps, size: tuple[int, int]) -> list[dict]:
     steps = []
-    for step in prediction.steps:
+    for step in step_maps:
         steps.append({
             "t": step.t,
             "signal": float(detector.diffusion.sqrt_alphas_cumprod[step.t]),
@@ -112,12 +119,13 @@ def _step_views(detector: AnomalyDetector, prediction, size: tuple[int, int]) ->
 
 
 def analyse(detector: AnomalyDetector, image, known_mask: np.ndarray | None = None, seed: int | None = None,
-            ood=None, source: str = "") -> Analysis:
+            ood=None, source: str = "", all_steps: bool = True) -> Analysis:
     """Score a photo (anything read_image reads, or a (3, H, W) tensor in [-1, 1]) and keep what the page shows.
-    `ood`: a diffad.ood.FeatureDistance for this category."""
+    `ood`: a diffad.ood.FeatureDistance for this category. `all_steps=False`: only the scored timesteps' panels,
+    for a verdict in a third of the time; `with_all_steps` adds the others."""
     photo = Image.fromarray(to_uint8(image)) if isinstance(image, torch.Tensor) else read_image(image)
     size = display_size(*photo.size)
-    prediction = detector.predict(photo, seed=seed, view_timesteps=detector.calibration.timesteps)
+    prediction = detector.predict(photo, seed=seed, view_timesteps=detector.calibration.timesteps if all_steps else ())
     if known_mask is not None:
         known_mask = np.asarray(Image.fromarray(known_mask.astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 127
     distance = None
@@ -135,13 +143,29 @@ def analyse(detector: AnomalyDetector, image, known_mask: np.ndarray | None = No
         image_threshold=prediction.image_threshold,
         mask_threshold=prediction.mask_threshold,
         photo_size=photo.size,
-        steps=_step_views(detector, prediction, display_size(*photo.size, PANEL_SIDE)),
+        steps=_step_views(detector, prediction.steps, display_size(*photo.size, PANEL_SIDE)),
         known_mask=known_mask,
         ood_distance=distance,
         ood_threshold=None if ood is None else float(ood.threshold),
         source=source,
         pixel_smoothing=detector.scoring.pixel_smoothing,
+        model_input=None if all_steps else prediction.image,
+        seed=seed,
     )
+
+
+def with_all_steps(detector: AnomalyDetector, analysis: Analysis) -> Analysis:
+    """The analysis with the panels of every calibrated timestep: the ones its score did not need, computed now from
+    the same input and noise (so each equals what one full analysis shows)."""
+    if analysis.complete:
+        return analysis
+    missing = [t for t in detector.calibration.timesteps if t not in analysis.timesteps]
+    steps = analysis.steps
+    if missing:
+        size = display_size(*analysis.photo_size, PANEL_SIDE)
+        steps = sorted(steps + _step_views(detector, detector.steps(analysis.model_input, missing, seed=analysis.seed), size),
+                       key=lambda step: step["t"])
+    return replace(analysis, steps=steps, model_input=None)
 
 
 def is_anomalous(analysis: Analysis, image_threshold: float) -> bool:

@@ -16,7 +16,7 @@ from .calibration import Calibration
 from .data import read_image, to_tensor
 from .diffusion import GaussianDiffusion
 from .models import DiffADNet
-from .postprocess import Prediction, postprocess
+from .postprocess import Prediction, StepMaps, normalise, postprocess, step_maps
 from .scoring import RawMaps, ScoringConfig, raw_maps
 
 
@@ -137,6 +137,12 @@ class AnomalyDetector:
         x0 = self.preprocess(image)
         raw = self.raw_maps(x0[None], list(self.scoring.timesteps) + list(view_timesteps), seed=seed)
         return postprocess(raw, x0[None], self.calibration, self.scoring)[0]
+
+    def steps(self, image: torch.Tensor, timesteps, *, seed: int | None = None) -> list[StepMaps]:
+        """What `predict(image, view_timesteps=timesteps)` would add for those timesteps, without scoring: the same
+        noise draw, so a timestep computed here equals the one computed with the score."""
+        raw = self.raw_maps(image[None], timesteps, seed=seed)
+        return step_maps(raw, normalise(raw, self.calibration, self.scoring))[0]
 
     @torch.no_grad()
     def reconstruct(self, x0: torch.Tensor, t: int, steps: int, seed: int = 0) -> torch.Tensor:

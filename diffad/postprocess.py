@@ -136,16 +136,17 @@ def postprocess(raw: RawMaps, images: torch.Tensor, calibration: "Calibration", 
     combined = combine(z, calibration, scoring)
     rows = [raw.index(t) for t in scoring.timesteps]
     rgb = raw.rgb[:, rows].sum(1).cpu().numpy()
+    return [Prediction(
+        image=images[i].cpu(), score=maps.score, percentile=calibration.percentile(maps.score),
+        image_threshold=calibration.image_threshold, anomaly_map=maps.anomaly, pixel_map=maps.pixel,
+        feature_map=maps.feature, rgb_map=rgb[i], mask_threshold=calibration.mask_threshold, steps=steps,
+    ) for i, (maps, steps) in enumerate(zip(combined, step_maps(raw, z)))]
+
+
+def step_maps(raw: RawMaps, z: RawMaps) -> list[list[StepMaps]]:
+    """Per image, the StepMaps of every timestep in raw maps with x_t and x̂0 and their normalised version `z`."""
     xt, x0_hat, kl, step_rgb = raw.xt.cpu(), raw.x0_hat.cpu(), raw.kl.cpu().numpy(), raw.rgb.cpu().numpy()
     features = {k: v.cpu().numpy() for k, v in raw.features.items()}
     kl_z, feature_z = z.kl.cpu().numpy(), z.features[min(raw.features)].cpu().numpy()
-    predictions = []
-    for i, maps in enumerate(combined):
-        steps = [StepMaps(t, xt[i, j], x0_hat[i, j], kl[i, j], {k: v[i, j] for k, v in features.items()}, step_rgb[i, j],
-                          kl_z[i, j], feature_z[i, j]) for j, t in enumerate(raw.timesteps)]
-        predictions.append(Prediction(
-            image=images[i].cpu(), score=maps.score, percentile=calibration.percentile(maps.score),
-            image_threshold=calibration.image_threshold, anomaly_map=maps.anomaly, pixel_map=maps.pixel,
-            feature_map=maps.feature, rgb_map=rgb[i], mask_threshold=calibration.mask_threshold, steps=steps,
-        ))
-    return predictions
+    return [[StepMaps(t, xt[i, j], x0_hat[i, j], kl[i, j], {k: v[i, j] for k, v in features.items()}, step_rgb[i, j],
+                      kl_z[i, j], feature_z[i, j]) for j, t in enumerate(raw.timesteps)] for i in range(len(raw))]

@@ -80,14 +80,46 @@ def no_progress(*args, **kwargs):
     pass
 
 
-def page(registry, path, category="bottle"):
-    """analyse_page's outputs by name (with the State first and the photo last)."""
+PAGE = ["state", *OUT, "photo", "request"]
+
+
+def page_results(registry, path, category="bottle"):
+    """What analyse_page yields, each result's outputs by name (with the State first and the photo last)."""
     import app
 
-    outputs = app.analyse_page(registry, str(path) if path else None, category, 0, None, no_progress)
-    names = ["state", *OUT, "photo", "request"]
-    assert len(outputs) == len(names)
-    return dict(zip(names, outputs))
+    results = list(app.analyse_page(registry, str(path) if path else None, category, 0, None, no_progress))
+    assert all(len(outputs) == len(PAGE) for outputs in results)
+    return [dict(zip(PAGE, outputs)) for outputs in results]
+
+
+def page(registry, path, category="bottle"):
+    """The page after an analysis: the first result's outputs with the State of the last (every timestep)."""
+    results = page_results(registry, path, category)
+    return results[0] | {"state": results[-1]["state"]}
+
+
+def test_the_verdict_comes_first_and_the_other_timesteps_follow(registry):
+    """The first result is the whole verdict, with the scored timesteps' panels; the second adds the other timesteps
+    to the State and the slider and touches nothing else (a scrub or threshold moved meanwhile stays)."""
+    from diffad.demo import analyse
+
+    first, second = page_results(registry, EXAMPLES / "crack.png")
+    detector, _ = registry.get("bottle")
+    assert first["state"].timesteps == list(detector.scoring.timesteps) and "t = 20" in first["step_text"]
+    assert first["t"]["value"] == 20 and first["t"]["interactive"] is False and "on their way" in first["step_text"]
+    assert Path(first["map"]).is_file() and "Anomalous" in first["verdict"]
+    complete = second["state"]
+    assert complete.complete and complete.timesteps == list(detector.calibration.timesteps)
+    assert second["t"] == {"__type__": "update", "minimum": 5, "maximum": 500, "interactive": True}
+    assert "t = 20" in second["step_text"] and "on their way" not in second["step_text"]
+    skipped = [name for name in PAGE if name not in ("state", "t", "step_text")]
+    assert all(second[name] == {"__type__": "update"} for name in skipped), second
+    # Each timestep's panels are those of one analysis of every timestep at once.
+    whole = analyse(detector, EXAMPLES / "crack.png")
+    assert whole.score == pytest.approx(complete.score) and whole.timesteps == complete.timesteps
+    for ours, reference in zip(complete.steps, whole.steps):
+        for view in ("xt", "x0_hat", "kl", "feature"):
+            assert np.abs(ours[view].astype(int) - reference[view].astype(int)).mean() < 0.5, (ours["t"], view)
 
 
 def test_an_analysis_overtaken_by_a_newer_request_shows_nothing(registry):
@@ -96,8 +128,12 @@ def test_an_analysis_overtaken_by_a_newer_request_shows_nothing(registry):
     session = SimpleNamespace(session_hash="s1")
     old = app.REQUESTS.new("s1")
     app.REQUESTS.new("s1")  # the user picked another example meanwhile
-    outputs = app.analyse_page(registry, str(EXAMPLES / "crack.png"), "bottle", old, session, no_progress)
-    assert all(isinstance(o, dict) and o.get("__type__") == "update" and len(o) == 1 for o in outputs), outputs[:3]
+    assert list(app.analyse_page(registry, str(EXAMPLES / "crack.png"), "bottle", old, session, no_progress)) == []
+    # Overtaken after its verdict: the other timesteps are neither computed nor shown.
+    results = app.analyse_page(registry, str(EXAMPLES / "crack.png"), "bottle", app.REQUESTS.new("s1"), session, no_progress)
+    assert "Anomalous" in next(results)[1]
+    app.REQUESTS.new("s1")
+    assert list(results) == []
 
 
 def test_one_verdict_when_the_threshold_moves(registry):

@@ -69,7 +69,8 @@ def test_main_path_example_analysis_timesteps_threshold_morph_new_photo(page, sh
     page.evaluate("window.scrollTo(0, 0)")
     page.screenshot(path=str(shots / "analysis.png"))
 
-    # Timestep scrub in t units.
+    # Timestep scrub in t units, once the other timesteps have followed the verdict.
+    page.wait_for_function("!document.querySelector('#step-text').innerText.includes('on their way')", timeout=SLOW)
     set_number(page, "t-slider", 50)
     wait_text(page, "#step-text", "t = 50", "(z)")
     for panel in ("#xt", "#x0", "#kl", "#feat"):
