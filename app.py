@@ -35,7 +35,7 @@ from diffad.demo import (
     Analysis,
     MorphCanvas,
     analyse,
-    example_label,
+    example_labels,
     export_morph_gif,
     known_examples,
     map_picture,
@@ -154,7 +154,7 @@ def examples_by_hash() -> dict:
 def example_rows() -> tuple[list, list[str]]:
     """([photo, category] rows, their labels): every category's examples, normal ones first."""
     entries = sorted(examples_by_hash().values(), key=lambda e: (e["category"], e.get("kind") != "normal", e["file"]))
-    return [[e["path"], e["category"]] for e in entries], [example_label(e) for e in entries]
+    return [[e["path"], e["category"]] for e in entries], example_labels(entries)
 
 
 def _load(registry: CheckpointRegistry, category: str):

@@ -6,6 +6,7 @@ tests agree. Texts that are expected to change (the timestep explanation, the mo
 from __future__ import annotations
 
 import functools
+from collections import Counter
 
 import hashlib
 import json
@@ -79,9 +80,15 @@ def known_examples(examples_root) -> dict[str, dict]:
     return found
 
 
-def example_label(entry: dict) -> str:
-    kind = entry.get("kind", "example").replace("_", " ")
-    return f"{entry['category'].replace('_', ' ')} · {kind}"
+def example_labels(entries: list[dict]) -> list[str]:
+    """"category · kind" for each example, numbered where a category has several of a kind (normal 1, normal 2)."""
+    labels = [f"{e['category'].replace('_', ' ')} · {e.get('kind', 'example').replace('_', ' ')}" for e in entries]
+    counts, seen = Counter(labels), Counter()
+    numbered = []
+    for label in labels:
+        seen[label] += 1
+        numbered.append(f"{label} {seen[label]}" if counts[label] > 1 else label)
+    return numbered
 
 
 def sha256_of(path) -> str:

@@ -425,3 +425,11 @@ def test_the_colour_bar_marks_the_threshold_at_its_value_and_the_cached_bar_stay
         columns = np.flatnonzero((marked != plain).any(axis=(0, 2)))
         assert columns.size and expected_x - 6 <= columns.min() and columns.max() <= expected_x + 6
     np.testing.assert_array_equal(colorbar(0.0, 10.0, "z", 500), plain)
+
+
+def test_every_example_has_its_own_label():
+    import app
+
+    rows, labels = app.example_rows()
+    assert len(labels) == len(rows) and len(set(labels)) == len(labels), labels
+    assert {"bottle · normal 1", "bottle · normal 2", "bottle · crack", "magnetic tile · normal 1"} <= set(labels)

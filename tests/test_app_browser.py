@@ -51,7 +51,7 @@ def test_main_path_example_analysis_timesteps_threshold_morph_new_photo(page, sh
     header = text(page, "#header")
     assert "diffusion model trained only on defect-free parts" in header and "Paper" in header
     assert all(step in header for step in ("Pick an example", "Read the verdict", "Explore"))
-    for label in ("bottle · crack", "bottle · normal", "magnetic tile · crack", "magnetic tile · scratch"):
+    for label in ("bottle · crack", "bottle · normal 1", "magnetic tile · crack", "magnetic tile · scratch"):
         assert page.get_by_text(label, exact=True).first.is_visible(), label
     assert "Hub" in text(page, "#source-note") or "local" in text(page, "#source-note")
     page.screenshot(path=str(shots / "0_start.png"))
@@ -115,7 +115,7 @@ def test_main_path_example_analysis_timesteps_threshold_morph_new_photo(page, sh
     # then the new analysis arrives.
     page.click("#morph")
     wait_text(page, "#morph-status", "Step")
-    page.get_by_text("bottle · normal", exact=True).first.click()
+    page.get_by_text("bottle · normal 1", exact=True).click()
     first_score = next(line for line in first_verdict.splitlines() if line.startswith("Score"))
     page.wait_for_function(f"!document.querySelector('#verdict').innerText.includes({first_score!r})", timeout=SLOW)
     assert links_in(page, "#downloads") == 0 and "finished" not in text(page, "#morph-status")
