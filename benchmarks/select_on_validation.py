@@ -1,7 +1,7 @@
-"""Choose a category's feature pooling, pixel-map smoothing, pixel-map weight and combined-map smoothing on a
-validation split of its labelled test images.
+"""Choose a category's feature pooling, pixel-map smoothing, pixel-map weight, combined-map smoothing and the image
+score's top-k on a validation split of its labelled test images.
 
-    python benchmarks/select_on_validation.py --choose feature_pool pixel_smoothing alpha smoothing --categories bottle
+    python benchmarks/select_on_validation.py --choose feature_pool pixel_smoothing alpha smoothing top_k --categories bottle
 
 Run the choices in that order, applying each before the next (each is judged with the ones before it in place).
 
@@ -10,10 +10,10 @@ candidate scores ~0.99) or, when a wide faint kind is added, wide enough to make
 pooling, bottle included, where it blurs the real defects. For the KL map's smoothing, the thin synthetic
 scratches favour none while real bottle defects gain from it. So a fixed, seeded fifth of each defect type (and of
 the good images) is set aside as a validation split; the candidates are compared on it by pixel AUROC + AUPRO, the
-criterion `diffad calibrate` uses for smoothing. `benchmarks/run.py` reports every method on the other four
+criterion `diffad calibrate` uses for smoothing (top-k, which changes no map, by image AUROC). `benchmarks/run.py` reports every method on the other four
 fifths, which the choices never saw. Writes benchmarks/CHOICE_selection.json; apply a choice with
 `diffad calibrate --checkpoint checkpoints/NAME --data DIR --feature-pool SIZES` or
-`--scoring '{"pixel_smoothing": SIGMA, "alpha": ALPHA}' --smoothing SIGMA`.
+`--scoring '{"pixel_smoothing": SIGMA, "alpha": ALPHA, "top_k": K}' --smoothing SIGMA`.
 """
 from __future__ import annotations
 
@@ -39,12 +39,13 @@ from diffad.train import checkpoint_split  # noqa: E402
 CANDIDATES = ((1,), (3,), (1, 3, 9))
 
 
-def on_validation(detector, root: Path, variants: dict[str, Variant]) -> dict:
-    """The candidate variants compared on the validation fifth, and the best by localisation quality."""
+def on_validation(detector, root: Path, variants: dict[str, Variant], criterion=localisation_quality) -> dict:
+    """The candidate variants compared on the validation fifth, and the best by `criterion` (default: localisation
+    quality)."""
     v = validation_split([sample.defect for sample in list_test_samples(root)])  # the same split run.py excludes
     scored = score_test_set(detector, root, variants, subset=v)
     results = {name: evaluate_maps(s.labels, s.scores, s.masks, s.maps) for name, s in scored.items()}
-    chosen = max(results, key=lambda name: localisation_quality(results[name]))
+    chosen = max(results, key=lambda name: criterion(results[name]))
     return {"validation_images": int(v.sum()), "test_images": int(v.size), "candidates": results, "chosen": chosen}
 
 
@@ -90,8 +91,20 @@ def select_smoothing(detector, root: Path) -> dict:
     return {**result, "chosen": float(result["chosen"])}
 
 
+# Top-k pixels averaged into the image score (at 256 px), tried by select_top_k.
+TOP_KS = (16, 64, 256, 1024, 4096)
+
+
+def select_top_k(detector, root: Path) -> dict:
+    """How many of the map's highest pixels make the image score, judged by image AUROC (then F1-max): it changes
+    no map. Thin cracks fill few pixels, uneven patches many."""
+    variants = {str(k): Variant(replace(detector.scoring, top_k=k), detector.calibration) for k in TOP_KS}
+    result = on_validation(detector, root, variants, criterion=lambda m: (m["image_auroc"], m["image_f1_max"]))
+    return {**result, "chosen": int(result["chosen"])}
+
+
 SELECTORS = {"feature_pool": select_feature_pool, "pixel_smoothing": select_pixel_smoothing, "alpha": select_alpha,
-             "smoothing": select_smoothing}
+             "smoothing": select_smoothing, "top_k": select_top_k}
 
 
 def main(argv=None):
@@ -112,7 +125,8 @@ def main(argv=None):
             detector = load_checkpoint(Path(args.checkpoints) / category)
             selection[category] = SELECTORS[choice](detector, DATA[category])
             for name, m in selection[category]["candidates"].items():
-                print(f"{category} {choice} {name}: pixel AUROC {m['pixel_auroc']:.3f}, AUPRO {m['aupro']:.3f} on validation")
+                print(f"{category} {choice} {name}: image AUROC {m['image_auroc']:.3f}, pixel AUROC {m['pixel_auroc']:.3f}, "
+                      f"AUPRO {m['aupro']:.3f} on validation")
             print(f"{category}: {choice} chosen {selection[category]['chosen']}")
             path.write_text(json.dumps(selection, indent=2) + "\n")
 
