@@ -312,6 +312,7 @@ def analyse_page(registry: CheckpointRegistry, image_path, category, token, requ
             hint = " Photos in PNG, JPEG, BMP, TIFF or WebP work." if unreadable else ""
             outputs = (*cleared_outputs(message_markdown(str(exc).rstrip(".") + "." + hint)), None if unreadable else gr.update())
     if superseded():
+        yield tuple(gr.skip() for _ in range(len(outputs) + 1))
         return
     yield *outputs, token
     if analysis is not None and not superseded():
