@@ -198,13 +198,13 @@ def _completed(registry: CheckpointRegistry, analysis: Analysis) -> Analysis:
         release_memory()
 
 
-def analysis_outputs(analysis: Analysis, shown_t: int | None = None) -> tuple:
-    """Every output of an analysis, in ANALYSIS_OUTPUTS order, with the panels at `shown_t` (default: the smallest
-    timestep computed); the morph's previous results are cleared."""
+def analysis_outputs(analysis: Analysis) -> tuple:
+    """Every output of an analysis, in ANALYSIS_OUTPUTS order, with the panels at its smallest timestep; the morph's
+    previous results are cleared."""
     label = next(iter(MAP_CHOICES))
     ranges = slider_ranges(analysis)
     (_, mask_top, mask_value), (_, image_top, image_value) = ranges["mask"], ranges["image"]
-    first = min(analysis.timesteps) if shown_t is None else shown_t
+    first = min(analysis.timesteps)
     *pictures, step_text = step_files(analysis, first)
     if not analysis.complete:
         step_text += "\n\n" + STEPS_COMING
@@ -248,12 +248,10 @@ WELCOME = "Pick an example or upload a photo to see the verdict here."
 
 @gpu
 def analyse_api(registry: CheckpointRegistry, image_path, category, progress=gr.Progress()):
-    """Two results: the verdict, maps and the scored timesteps' panels as soon as the score is known, then the same
-    with every timestep for the slider (what `predict` returns)."""
+    """One result with every timestep (the page streams its verdict first; an API client would download the pictures
+    twice)."""
     try:
-        analysis = _analysis(registry, image_path, category, progress, all_steps=False)
-        yield analysis_outputs(analysis)
-        yield analysis_outputs(_completed(registry, analysis), shown_t=min(analysis.timesteps))
+        return analysis_outputs(_analysis(registry, image_path, category, progress))
     except InputProblem as exc:
         raise gr.Error(str(exc), print_exception=False) from exc
 
