@@ -258,34 +258,51 @@ def analyse_api(registry: CheckpointRegistry, image_path, category, progress=gr.
 
 class Requests:
     """The newest analysis each browser session asked for: one that finishes after a newer photo, example or
-    category was chosen is dropped instead of showing its results beside the new photo."""
+    category was chosen is dropped instead of showing its results beside the new photo.
+
+    Each analysis has a token and a subject (the photo's content and the category). A call holding an older token
+    still counts as current when it is about the newest subject: the two input events a dropdown choice fires return
+    their tokens to the page in either order, and the page may keep the older one."""
 
     def __init__(self, max_sessions: int = 10_000):
-        self._latest: OrderedDict[str, int] = OrderedDict()
+        self._latest: OrderedDict[str, tuple[int, tuple]] = OrderedDict()
         self._lock = threading.Lock()
         self._counter = itertools.count(1)
         self.max_sessions = max_sessions
 
-    def new(self, session: str) -> int:
+    def new(self, session: str, subject: tuple) -> int:
         with self._lock:
-            self._latest[session] = token = next(self._counter)
+            self._latest[session] = (token := next(self._counter)), subject
             self._latest.move_to_end(session)
             while len(self._latest) > self.max_sessions:
                 self._latest.popitem(last=False)
             return token
 
-    def superseded(self, session: str | None, token) -> bool:
-        """Whether the session asked for another analysis after the one `token` names (API sessions never do)."""
+    def current(self, session: str | None, token, subject: tuple):
+        """The token under which a call about `subject` may show its results (the newest, for the same subject), or
+        None once the session asked for something else (API sessions never do)."""
         with self._lock:
-            return session in self._latest and self._latest[session] != token
+            if session not in self._latest:
+                return token
+            latest, latest_subject = self._latest[session]
+            return latest if token == latest or subject == latest_subject else None
+
+    def superseded(self, session: str | None, token, subject: tuple) -> bool:
+        return self.current(session, token, subject) is None
+
+
+def subject(image_path, category) -> tuple:
+    """What an analysis is about: the photo's content (not its temporary path) and the category."""
+    readable = bool(image_path) and Path(image_path).is_file()
+    return sha256_of(image_path) if readable else image_path, category
 
 
 REQUESTS = Requests()
 
 
-def analysing(category, request: gr.Request) -> tuple:
+def analysing(image_path, category, request: gr.Request) -> tuple:
     """First step of every page analysis, unqueued: the previous results go at once."""
-    token = REQUESTS.new(request.session_hash)
+    token = REQUESTS.new(request.session_hash, subject(image_path, category))
     return *cleared_outputs(f"⏳ Analysing as `{category}`…"), gr.update(), token
 
 
@@ -295,8 +312,10 @@ def analyse_page(registry: CheckpointRegistry, image_path, category, token, requ
     red Error on every panel. The outputs end with the photo (an unreadable one is removed) and the request token.
     The verdict, map and scored timesteps come first; the other timesteps follow into the State and the slider.
     Nothing more is shown once the session has asked for another analysis."""
+    about = subject(image_path, category)
+
     def superseded() -> bool:
-        return request is not None and REQUESTS.superseded(request.session_hash, token)
+        return request is not None and REQUESTS.superseded(request.session_hash, token, about)
 
     analysis = None
     if not image_path:
@@ -312,7 +331,7 @@ def analyse_page(registry: CheckpointRegistry, image_path, category, token, requ
     if superseded():
         yield tuple(gr.skip() for _ in range(len(outputs) + 1))
         return
-    yield *outputs, token
+    yield *outputs, REQUESTS.current(request and request.session_hash, token, about)
     if analysis is not None and not superseded():
         try:
             complete = _completed(registry, analysis)
@@ -397,14 +416,14 @@ def analyse_painting(registry: CheckpointRegistry, edited, category, request: gr
         raise gr.Error(str(exc), print_exception=False) from exc
     if not mask.any():
         raise gr.Error(NOTHING_PAINTED, print_exception=False)
-    token = REQUESTS.new(request.session_hash) if request is not None else None
     path = picture_file(painting)
+    token = REQUESTS.new(request.session_hash, subject(path, category)) if request is not None else None
     try:
         analysis = _analysis(registry, path, category, progress, known_mask=mask)
     except InputProblem as exc:
         raise gr.Error(str(exc).replace(path, "your painting"), print_exception=False) from exc
     outputs = analysis_outputs(analysis)
-    if request is not None and REQUESTS.superseded(request.session_hash, token):  # another photo was chosen since
+    if request is not None and REQUESTS.superseded(request.session_hash, token, subject(path, category)):  # a new photo
         return tuple(gr.skip() for _ in range(len(outputs) + 4))
     found = auroc_sentence(pixel_auroc(analysis.maps["anomaly"], analysis.known_mask), analysis.known_mask)
     verdict, picture = outputs[1], outputs[3]
@@ -455,14 +474,19 @@ def run_morph(registry: CheckpointRegistry, image_path, category, step_size, den
         detector, _ = _load(registry, category)
     except InputProblem as exc:
         raise gr.Error(str(exc), print_exception=False) from exc
+    session, about = request.session_hash if request is not None else None, subject(image_path, category)
+    if REQUESTS.superseded(session, token, about):  # asked for before a new photo, queued since: nothing to show
+        yield tuple(gr.skip() for _ in MORPH_CLEARED)
+        return
     yield None, None, MORPH_STARTED, None, None  # a new morph: the previous one's results go at once
     frames, shown, threshold = [], [], detector.calibration.image_threshold
     typical = typical_normal_score(detector)
-    session = request.session_hash if request is not None else None
     try:
         for frame in morph(detector, image_path, config):
-            if REQUESTS.superseded(session, token):
+            if REQUESTS.superseded(session, token, about):
                 log.info("morph stopped after %d frames: a new photo was chosen", len(frames))
+                # A frame sent just before the choice can reach the page after it cleared the morph: clear again.
+                yield MORPH_CLEARED
                 return
             frames.append(frame.rgb())
             if len(frames) == 1:
@@ -627,7 +651,7 @@ def _wire(ui: SimpleNamespace, registry: CheckpointRegistry) -> None:
     if ui.examples is not None:  # an example sets the photo and the category, then this runs once
         triggers.append(ui.examples.load_input_event.then)
     for trigger in triggers:
-        trigger(analysing, [ui.category], page_outputs, queue=False, show_progress="hidden", api_visibility="private").then(
+        trigger(analysing, inputs, page_outputs, queue=False, show_progress="hidden", api_visibility="private").then(
             page, inputs + [ui.request], page_outputs, api_visibility="private", concurrency_id="model", trigger_mode="always_last",
             show_progress_on=[ui.result])
     ui.photo.clear(lambda: cleared_outputs(WELCOME), None, outputs, queue=False, api_visibility="private")
