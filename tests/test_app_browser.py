@@ -75,11 +75,11 @@ def test_main_path_example_analysis_timesteps_threshold_morph_new_photo(page, sh
     wait_text(page, "#step-text", "t = 50", "(z)")
     for panel in ("#xt", "#x0", "#kl", "#feat"):
         wait_image(page, panel)
-    set_number(page, "t-slider", 60)
-    wait_text(page, "#step-text", "nearest computed timestep to 60", "t = 50")
     page.locator("#timesteps-tab").scroll_into_view_if_needed()
     page.screenshot(path=str(shots / "2_timesteps.png"), full_page=True)
     page.locator("#timesteps-tab").screenshot(path=str(shots / "timesteps.png"))
+    set_number(page, "t-slider", 60)
+    wait_text(page, "#step-text", "nearest computed timestep to 60", "t = 50")
 
     # The verdict threshold above the score: headline, text and JSON agree; ↺ restores the calibrated value.
     calibrated = page.locator("#image-threshold input[type=number]").input_value()
