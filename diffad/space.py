@@ -15,7 +15,8 @@ from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, list_local_c
 from .hub import PAPER_TITLE, PAPER_URL
 
 ROOT = Path(__file__).resolve().parents[1]
-SPACE_FILES = ("app.py", "requirements.txt")
+# The app and the modules next to it that it imports (photo_input.pyi: Gradio would otherwise write it at start).
+SPACE_FILES = ("app.py", "photo_input.py", "photo_input.pyi", "requirements.txt")
 # The Hub refuses files over 10 MB and binary files that are not stored with Xet/LFS.
 HUB_TEXT_LIMIT = 10 * 1024 * 1024
 LFS_PATTERNS = ("*.safetensors", "*.png", "*.gif", "*.jpg", "*.jpeg", "*.webp", "*.mp4")

@@ -1,6 +1,8 @@
 """`diffad space` (the folder is real, the Hub is mocked at huggingface_hub's HfApi boundary), the requirement
 files a Space builder and the README's commands rely on, and the app's offline start on a fresh checkout."""
 import re
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -40,6 +42,9 @@ def test_space_with_preloaded_checkpoints(tmp_path):
     assert hub_source(out / "README.md") == ("someone/diffad-checkpoints", SHA)  # what the app then loads
     assert (out / "app.py").read_bytes() == (ROOT / "app.py").read_bytes()
     check_hub_storable(out)
+    # Everything the app imports is in the folder (photo_input.py was once left out: the Space would not start).
+    subprocess.run([sys.executable, "-c", "import app, diffad; assert diffad.__file__.startswith(app.ROOT.as_posix())"],
+                   cwd=out, check=True, timeout=300)
 
 
 def test_space_without_a_model_repo_bundles_the_checkpoints_for_lfs(tmp_path):
