@@ -36,13 +36,16 @@ def test_examples_are_ranked_and_documented(category):
     entries = manifest["images"]
     normal = [e for e in entries if e["kind"] == "normal"]
     defective = [e for e in entries if e["kind"] != "normal"]
-    assert len(normal) >= 2 and len(defective) >= 4
+    # A category ships normal examples only where its model can make some that it scores normal, and says why not.
+    assert len(defective) >= 4 and (len(normal) >= 2 or "no_normal_example" in manifest)
     detector = load_checkpoint(CHECKPOINTS / category)
-    scores = {e["file"]: detector.predict(EXAMPLES / category / e["file"]).score for e in entries}
-    assert min(scores[e["file"]] for e in defective) > max(scores[e["file"]] for e in normal)
+    predictions = {e["file"]: detector.predict(EXAMPLES / category / e["file"]) for e in entries}
+    assert all(not predictions[e["file"]].is_anomalous for e in normal)
+    assert all(predictions[e["file"]].is_anomalous for e in defective)
+    assert all(abs(predictions[e["file"]].score - e["score"]) < 0.05 for e in entries if "score" in e)  # not stale
     for e in defective:  # and the map is higher on the synthetic defect than around it
         mask = np.asarray(read_image(EXAMPLES / category / e["mask"]).convert("L")) > 127
-        amap = detector.predict(EXAMPLES / category / e["file"]).anomaly_map
+        amap = predictions[e["file"]].anomaly_map
         assert amap[mask].mean() > amap[~mask].mean() + 3.0, e["file"]
 
 
