@@ -670,12 +670,13 @@ def _wire(ui: SimpleNamespace, registry: CheckpointRegistry) -> None:
 
 def _wire_paint(ui: SimpleNamespace, registry: CheckpointRegistry, outputs: list) -> None:
     painting = [ui.editor, ui.click_target]
+    # One queue, in order: a start button clicked right after opening the tab must not be overwritten by the tab's
+    # own fill (unqueued, the two could return in either order; seen in Chromium on a loaded machine). Queued, though
+    # quick, also because the gr.Error of an unqueued event never reaches the page.
+    loads = {"api_visibility": "private", "concurrency_id": "paint_load", "concurrency_limit": 1}
     for source, button in (("photo", ui.paint_from_photo), ("example", ui.paint_from_example)):
-        # Queued, though quick: the gr.Error of an unqueued event never reaches the page.
-        button.click(functools.partial(start_painting, source), [ui.photo, ui.category], painting,
-                     api_visibility="private", concurrency_limit=None)
-    ui.paint_tab.select(paint_tab_opened, [ui.editor, ui.photo, ui.category], painting, api_visibility="private",
-                        queue=False)
+        button.click(functools.partial(start_painting, source), [ui.photo, ui.category], painting, **loads)
+    ui.paint_tab.select(paint_tab_opened, [ui.editor, ui.photo, ui.category], painting, show_progress="hidden", **loads)
     # The click target follows the brush, so that defects are placed knowing where the paint is.
     ui.editor.change(lambda edited: edited and edited["composite"], [ui.editor], [ui.click_target],
                      api_visibility="private", queue=False, show_progress="hidden")

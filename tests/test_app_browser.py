@@ -179,6 +179,8 @@ def test_paint_a_defect_place_one_with_a_click_and_analyse_it(page, shots):
     wait_text(page, "#paint-text", "Score", "The map finds your painted defect with pixel AUROC", "0.5 = chance")
     wait_image(page, "#paint-map")
     wait_text(page, "#verdict", "Score")  # the painting is now the photo the page shows and explores
-    assert text(page, "#paint-text").split("\n")[0] == text(page, "#verdict").split("\n")[0]
+    # The same headline in both places, once the page has finished showing progress over them.
+    page.wait_for_function("() => document.querySelector('#paint-text').innerText.split('\\n')[0] === "
+                           "document.querySelector('#verdict').innerText.split('\\n')[0]", timeout=60_000)
     assert error_pills(page) == 0
     page.locator("#paint-tab").screenshot(path=str(shots / "6_paint.png"))
