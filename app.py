@@ -417,13 +417,14 @@ def analyse_painting(registry: CheckpointRegistry, edited, category, request: gr
     if not mask.any():
         raise gr.Error(NOTHING_PAINTED, print_exception=False)
     path = picture_file(painting)
-    token = REQUESTS.new(request.session_hash, subject(path, category)) if request is not None else None
+    about = subject(path, category)
+    token = REQUESTS.new(request.session_hash, about) if request is not None else None
     try:
         analysis = _analysis(registry, path, category, progress, known_mask=mask)
     except InputProblem as exc:
         raise gr.Error(str(exc).replace(path, "your painting"), print_exception=False) from exc
     outputs = analysis_outputs(analysis)
-    if request is not None and REQUESTS.superseded(request.session_hash, token, subject(path, category)):  # a new photo
+    if request is not None and REQUESTS.superseded(request.session_hash, token, about):  # another photo since
         return tuple(gr.skip() for _ in range(len(outputs) + 4))
     found = auroc_sentence(pixel_auroc(analysis.maps["anomaly"], analysis.known_mask), analysis.known_mask)
     verdict, picture = outputs[1], outputs[3]

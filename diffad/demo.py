@@ -92,6 +92,13 @@ def example_labels(entries: list[dict]) -> list[str]:
 
 
 def sha256_of(path) -> str:
+    """The file's SHA-256, read once per version of the file: a page analysis asks for it several times."""
+    stat = Path(path).stat()
+    return _sha256_of_version(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=256)
+def _sha256_of_version(path: str, _mtime_ns: int, _size: int) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
