@@ -5,6 +5,7 @@ mean relative to normal images is `calibration.py`; turning them into a score an
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -191,10 +192,20 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     """(N, H, W) maps smoothed with a separable Gaussian (edges replicated, so any map size works)."""
     if sigma <= 0:
         return maps
+    rows = _blur_matrix(maps.shape[-2], float(sigma), maps.dtype, maps.device)
+    columns = _blur_matrix(maps.shape[-1], float(sigma), maps.dtype, maps.device)
+    return rows @ maps @ columns.T
+
+
+@functools.lru_cache(maxsize=32)
+def _blur_matrix(size: int, sigma: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The 1-D Gaussian blur with replicated edges as a (size, size) matrix: a matrix product runs 10x faster on a
+    CPU than a one-channel convolution with a kernel as wide as sigma = 16 needs."""
     radius = max(1, round(3 * sigma))
-    x = torch.arange(-radius, radius + 1, device=maps.device, dtype=maps.dtype)
-    kernel = torch.exp(-x**2 / (2 * sigma**2))
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    kernel = torch.exp(-offsets**2 / (2 * sigma**2))
     kernel = kernel / kernel.sum()
-    out = F.conv2d(F.pad(maps[:, None], (radius, radius, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1))
-    out = F.conv2d(F.pad(out, (0, 0, radius, radius), mode="replicate"), kernel.view(1, 1, -1, 1))
-    return out[:, 0]
+    # Replicated edges: every tap that falls outside the map reads the nearest edge pixel.
+    sources = (torch.arange(size)[:, None] + offsets.long()[None]).clamp(0, size - 1)
+    matrix = torch.zeros(size, size, dtype=torch.float64).scatter_add_(1, sources, kernel.expand(size, -1).contiguous())
+    return matrix.to(dtype=dtype, device=device)
