@@ -52,6 +52,7 @@ from diffad.demo import (
     summary,
     verdict_markdown,
     with_all_steps,
+    with_step_near,
 )
 from diffad.morph import MorphConfig, before_after, export_mp4, morph, typical_normal_score
 from diffad.paint import as_rgb, auroc_sentence, canvas, painted_mask, pixel_auroc, place_defect
@@ -198,16 +199,16 @@ def _completed(registry: CheckpointRegistry, analysis: Analysis) -> Analysis:
         release_memory()
 
 
-def analysis_outputs(analysis: Analysis) -> tuple:
+def analysis_outputs(analysis: Analysis, pending_note: str = "") -> tuple:
     """Every output of an analysis, in ANALYSIS_OUTPUTS order, with the panels at its smallest timestep; the morph's
-    previous results are cleared."""
+    previous results are cleared. `pending_note`: what the text under the panels says while timesteps are missing."""
     label = next(iter(MAP_CHOICES))
     ranges = slider_ranges(analysis)
     (_, mask_top, mask_value), (_, image_top, image_value) = ranges["mask"], ranges["image"]
     first = min(analysis.timesteps)
     *pictures, step_text = step_files(analysis, first)
-    if not analysis.complete:
-        step_text += "\n\n" + STEPS_COMING
+    if not analysis.complete and pending_note:
+        step_text += "\n\n" + pending_note
     return (
         analysis,
         verdict_markdown(analysis, image_value, mask_value),
@@ -226,6 +227,7 @@ def analysis_outputs(analysis: Analysis) -> tuple:
 
 
 STEPS_COMING = "*The other timesteps are on their way: the slider opens when they are here.*"
+STEPS_ON_REQUEST = "*The other timesteps are computed when `/timestep` asks for them.*"
 
 
 def completed_outputs(analysis: Analysis, shown_t: int) -> tuple:
@@ -248,10 +250,10 @@ WELCOME = "Pick an example or upload a photo to see the verdict here."
 
 @gpu
 def analyse_api(registry: CheckpointRegistry, image_path, category, progress=gr.Progress()):
-    """One result with every timestep (the page streams its verdict first; an API client would download the pictures
-    twice)."""
+    """One result: the verdict with the scored timesteps' panels. `/timestep` computes any other timestep when asked
+    (once per session's analysis), so a client that wants only the verdict does not wait for nine more."""
     try:
-        return analysis_outputs(_analysis(registry, image_path, category, progress))
+        return analysis_outputs(_analysis(registry, image_path, category, progress, all_steps=False), STEPS_ON_REQUEST)
     except InputProblem as exc:
         raise gr.Error(str(exc), print_exception=False) from exc
 
@@ -323,7 +325,7 @@ def analyse_page(registry: CheckpointRegistry, image_path, category, token, requ
     else:
         try:
             analysis = _analysis(registry, image_path, category, progress, all_steps=False)
-            outputs = (*analysis_outputs(analysis), gr.update())
+            outputs = (*analysis_outputs(analysis, STEPS_COMING), gr.update())
         except InputProblem as exc:
             unreadable = isinstance(exc.__cause__, DataError)
             hint = " Photos in PNG, JPEG, BMP, TIFF or WebP work." if unreadable else ""
@@ -416,7 +418,7 @@ def analyse_painting(registry: CheckpointRegistry, edited, category, request: gr
         raise gr.Error(str(exc), print_exception=False) from exc
     if not mask.any():
         raise gr.Error(NOTHING_PAINTED, print_exception=False)
-    path = picture_file(painting)
+    path = picture_file(painting, lossless=True)
     about = subject(path, category)
     token = REQUESTS.new(request.session_hash, about) if request is not None else None
     try:
@@ -448,10 +450,25 @@ def calibrated_threshold(which: str, analysis):
     return gr.update() if analysis is None else slider_ranges(analysis)[which][2]
 
 
-def scrub(analysis, t):
+def scrub(registry: CheckpointRegistry, analysis, t):
+    """The panels at the computed timestep nearest to t, and the State when a timestep had to be computed first (an
+    API analysis computes only its scored ones; the page's slider opens once all are there)."""
     if analysis is None:
         raise gr.Error("Analyse an image first.", print_exception=False)
-    return step_files(analysis, _finite(t, "timestep"))
+    t = _finite(t, "timestep")
+    updated = analysis if analysis.complete else _with_step_near(registry, analysis, t)
+    return (*step_files(updated, t), gr.skip() if updated is analysis else updated)
+
+
+@gpu
+def _with_step_near(registry: CheckpointRegistry, analysis: Analysis, t: float) -> Analysis:
+    try:
+        detector, _ = _load(registry, analysis.category)
+        return with_step_near(detector, analysis, t)
+    except InputProblem as exc:
+        raise gr.Error(str(exc), print_exception=False) from exc
+    finally:
+        release_memory()
 
 
 def snap_timestep(analysis, t):
@@ -663,7 +680,7 @@ def _wire(ui: SimpleNamespace, registry: CheckpointRegistry) -> None:
         trigger(redraw, redraw_inputs, views, api_visibility="private", concurrency_limit=None, show_progress="hidden")
     for which, button, slider in (("mask", ui.mask_reset, ui.mask_threshold), ("image", ui.image_reset, ui.image_threshold)):
         button.click(functools.partial(calibrated_threshold, which), [ui.state], [slider], api_visibility="private", queue=False)
-    ui.t_slider.change(scrub, [ui.state, ui.t_slider], [ui.xt, ui.x0, ui.kl, ui.feat, ui.step_text], api_name="timestep",
+    ui.t_slider.change(bind(scrub, registry), [ui.state, ui.t_slider], [ui.xt, ui.x0, ui.kl, ui.feat, ui.step_text, ui.state], api_name="timestep",
                        concurrency_limit=None, show_progress="hidden")
     ui.t_slider.release(snap_timestep, [ui.state, ui.t_slider], [ui.t_slider], api_visibility="private", queue=False)
     _wire_paint(ui, registry, outputs)
@@ -719,16 +736,21 @@ def prune_outputs() -> None:
             pass
 
 
-def picture_file(picture: np.ndarray) -> str:
-    """A PNG file with this picture, named by its content and written atomically.
+def picture_file(picture: np.ndarray, lossless: bool = False) -> str:
+    """A file with this picture, named by its content and written atomically: JPEG for what is only looked at
+    (quality 92 without chroma subsampling, so thin coloured outlines stay sharp: a twentieth of PNG's encoding time
+    and a quarter of its size), PNG for what is analysed again (a painting).
 
     Gradio rewrites its cached copy of an array output in place, so two users getting the same picture (the same
     example, colour bar or timestep) could be served a half-written file; a file output is copied atomically instead.
     """
     buffer = io.BytesIO()
-    Image.fromarray(picture).save(buffer, format="PNG", compress_level=1)
+    if lossless:
+        Image.fromarray(picture).save(buffer, format="PNG", compress_level=1)
+    else:
+        Image.fromarray(picture).save(buffer, format="JPEG", quality=92, subsampling=0)
     data = buffer.getvalue()
-    path = _output_folder("pictures") / f"{hashlib.sha256(data).hexdigest()[:32]}.png"
+    path = _output_folder("pictures") / f"{hashlib.sha256(data).hexdigest()[:32]}.{'png' if lossless else 'jpg'}"
     try:
         os.utime(path)  # reused: keep it from being pruned
     except FileNotFoundError:

@@ -168,18 +168,27 @@ def analyse(detector: AnomalyDetector, image, known_mask: np.ndarray | None = No
     )
 
 
-def with_all_steps(detector: AnomalyDetector, analysis: Analysis) -> Analysis:
-    """The analysis with the panels of every calibrated timestep: the ones its score did not need, computed now from
-    the same input and noise (so each equals what one full analysis shows)."""
-    if analysis.complete:
+def with_steps(detector: AnomalyDetector, analysis: Analysis, timesteps) -> Analysis:
+    """The analysis with the panels of these calibrated timesteps added, computed from the same input and noise (so
+    each equals what one full analysis shows); complete once every calibrated timestep is there."""
+    missing = [t for t in timesteps if t not in analysis.timesteps]
+    if analysis.complete or not missing:
         return analysis
-    missing = [t for t in detector.calibration.timesteps if t not in analysis.timesteps]
-    steps = analysis.steps
-    if missing:
-        size = display_size(*analysis.photo_size, PANEL_SIDE)
-        steps = sorted(steps + _step_views(detector, detector.steps(analysis.model_input, missing, seed=analysis.seed), size),
-                       key=lambda step: step["t"])
-    return replace(analysis, steps=steps, model_input=None)
+    size = display_size(*analysis.photo_size, PANEL_SIDE)
+    steps = sorted(analysis.steps + _step_views(detector, detector.steps(analysis.model_input, missing, seed=analysis.seed), size),
+                   key=lambda step: step["t"])
+    done = {step["t"] for step in steps} >= set(detector.calibration.timesteps)
+    return replace(analysis, steps=steps, model_input=None if done else analysis.model_input)
+
+
+def with_all_steps(detector: AnomalyDetector, analysis: Analysis) -> Analysis:
+    """The analysis with the panels of every calibrated timestep."""
+    return with_steps(detector, analysis, detector.calibration.timesteps)
+
+
+def with_step_near(detector: AnomalyDetector, analysis: Analysis, t: float) -> Analysis:
+    """The analysis with the panels of the calibrated timestep nearest to t (what the slider then shows)."""
+    return with_steps(detector, analysis, [min(detector.calibration.timesteps, key=lambda s: (abs(s - float(t)), s))])
 
 
 def is_anomalous(analysis: Analysis, image_threshold: float) -> bool:

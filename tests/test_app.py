@@ -122,6 +122,30 @@ def test_the_verdict_comes_first_and_the_other_timesteps_follow(registry):
             assert np.abs(ours[view].astype(int) - reference[view].astype(int)).mean() < 0.5, (ours["t"], view)
 
 
+def test_the_api_computes_a_timestep_when_the_slider_asks_for_it(registry):
+    """/analyse returns the verdict with the scored timesteps only; /timestep computes another one once, into the
+    State, equal to what an analysis of every timestep shows."""
+    import app
+    from diffad.demo import analyse
+
+    state, *_ = app.analyse_api(registry, str(EXAMPLES / "crack.png"), "bottle", no_progress)
+    detector, _ = registry.get("bottle")
+    assert state.timesteps == list(detector.scoring.timesteps) and not state.complete
+    *pictures, text, state = app.scrub(registry, state, 140)  # nearest calibrated: 150
+    assert "t = 150" in text and state.timesteps == sorted([*detector.scoring.timesteps, 150])
+    whole = analyse(detector, EXAMPLES / "crack.png")
+    reference = whole.steps[whole.timesteps.index(150)]
+    ours = state.steps[state.timesteps.index(150)]
+    for view in ("xt", "x0_hat", "kl", "feature"):
+        assert np.abs(ours[view].astype(int) - reference[view].astype(int)).mean() < 0.5, view
+    # Asked again, nothing is computed and the State is left as it is.
+    assert app.scrub(registry, state, 150)[-1] == {"__type__": "update"}
+    for t in detector.calibration.timesteps:
+        *_, update = app.scrub(registry, state, t)
+        state = state if isinstance(update, dict) else update
+    assert state.complete and state.model_input is None
+
+
 def test_an_analysis_overtaken_by_a_newer_request_shows_nothing(registry):
     import app
 
@@ -317,12 +341,12 @@ def test_pictures_shared_by_concurrent_users_are_never_half_written():
     import app
 
     picture = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
-    path = app.picture_file(picture)
+    path = app.picture_file(picture, lossless=True)
     errors, stop = [], threading.Event()
 
     def writer():
         for _ in range(40):
-            assert app.picture_file(picture) == path
+            assert app.picture_file(picture, lossless=True) == path
 
     def reader():
         while not stop.is_set():
