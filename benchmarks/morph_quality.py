@@ -67,10 +67,11 @@ def morph_quality(detector, scored: ScoredSet, n_images: int, threads: int, conf
         rows.append(row)
         if not row["loops"]:
             continue
-        before, after = frames[0].rgb(), frames[-1].rgb()
+        # On the square grid of the masks and the judge (a photo morphed at its own aspect is squashed to it).
+        before, after = (to_uint8(detector.preprocess(f.image)) for f in (frames[0], frames[-1]))
         recon = to_uint8(detector.reconstruct(detector.preprocess(path), 200, steps=10))
         inside_change = float(np.abs(after[mask].astype(float) - before[mask]).mean()) if mask.any() else float("nan")
-        judged = patchcore.predict(frames[-1].image[None])[0][0]
+        judged = patchcore.predict(detector.preprocess(frames[-1].image)[None])[0][0]
         pairs.append((before, after, mask))
         row.update({
             "score_after": frames[-1].score, "normal_after": frames[-1].is_normal, "typical_after": frames[-1].is_typical,

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from .gaussian import GAUSSIAN_KEYS, FeatureGaussian
 from .postprocess import combine, normalise
 from .scoring import RawMaps, pool_sizes, strict_kwargs
+from .windows import square_layout, stitched_score
 
 if TYPE_CHECKING:
     from .detector import AnomalyDetector
@@ -209,8 +210,10 @@ def select_smoothing(detector: "AnomalyDetector", normal_images: torch.Tensor, c
 
 def calibrate(detector: "AnomalyDetector", normal_images: torch.Tensor, *, timesteps=CALIBRATED_TIMESTEPS,
               feature_pool=None, smoothing_sigma: float | None = None, gaussian: FeatureGaussian | None = None,
-              batch_size: int = 8) -> Calibration:
+              batch_size: int = 8, layouts=None) -> Calibration:
     """Measure what normal looks like on held-out normal images (N, 3, R, R) with the detector's scoring.
+    `layouts` (diffad.windows): the images are the windows of photos scored at their own aspect, in this order;
+    the map statistics are the windows', the thresholds those of the photos' stitched maps.
 
     `timesteps` are calibrated besides the scoring's own; `feature_pool` (default: the detector's current
     pooling sizes) are the feature maps made; `smoothing_sigma` None chooses it on synthetic defects;
@@ -226,9 +229,13 @@ def calibrate(detector: "AnomalyDetector", normal_images: torch.Tensor, *, times
         calibration = select_smoothing(detector, normal_images, calibration, batch_size=batch_size)
     else:
         calibration = replace(calibration, smoothing_sigma=float(smoothing_sigma))
-    combined = combine(normalise(raw, calibration, scoring), calibration, scoring)
-    scores = [c.score for c in combined]
-    pixels = np.concatenate([c.anomaly.ravel() for c in combined])
+    combined = iter(combine(normalise(raw, calibration, scoring), calibration, scoring))
+    photos = []
+    for layout in layouts or [square_layout(detector.resolution)] * len(normal_images):
+        windows = [next(combined) for _ in range(layout.count)]
+        photos.append(stitched_score([w.anomaly for w in windows], [w.score for w in windows], layout, scoring.top_k))
+    scores = [score for _, score in photos]
+    pixels = np.concatenate([amap.ravel() for amap, _ in photos])
     return replace(calibration, normal_scores=tuple(sorted(scores)),
                    image_threshold=float(np.quantile(scores, IMAGE_THRESHOLD_QUANTILE)),
                    mask_threshold=float(np.quantile(pixels, MASK_THRESHOLD_QUANTILE)))

@@ -71,9 +71,10 @@ def read_image(source, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
         raise DataError(f"{name}: corrupt or truncated image ({exc})") from exc
 
 
-def to_tensor(img: Image.Image, resolution: int) -> torch.Tensor:
-    """RGB PIL image -> float tensor (3, R, R) in [-1, 1] (the range the diffusion model and backbone use)."""
-    img = img.resize((resolution, resolution), Image.BICUBIC)
+def to_tensor(img: Image.Image, resolution: int | tuple[int, int]) -> torch.Tensor:
+    """RGB PIL image -> float tensor (3, R, R) in [-1, 1] (the range the diffusion model and backbone use); a
+    (width, height) resolution keeps that size instead."""
+    img = img.resize((resolution, resolution) if isinstance(resolution, int) else resolution, Image.BICUBIC)
     arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 

@@ -38,7 +38,7 @@ class Analysis:
 
     category: str
     image: np.ndarray  # (H, W, 3) uint8 at display size and the photo's own aspect
-    maps: dict  # MAP_CHOICES value -> (R, R) float32 at the model's resolution
+    maps: dict  # MAP_CHOICES value -> float32 map as the model scored the photo: R x R, or at its aspect (windows)
     score: float
     percentile: float
     image_threshold: float  # the calibrated ones; the sliders may differ
@@ -50,7 +50,7 @@ class Analysis:
     ood_threshold: float | None = None
     source: str = ""  # "local" or "Hub <repo>": never a server path
     pixel_smoothing: float = 0.0  # of the KL panels, in model-input pixels
-    model_input: torch.Tensor | None = None  # (3, R, R) the photo as the model saw it: the later panels are made from it
+    model_input: torch.Tensor | None = None  # the photo as the model saw it (Prediction.image): the later panels are made from it
     seed: int | None = None
 
     @property
@@ -146,7 +146,8 @@ def analyse(detector: AnomalyDetector, image, known_mask: np.ndarray | None = No
     if ood is not None:
         from .ood import global_features
 
-        distance = float(ood.distance(global_features(detector.backbone, prediction.image[None]))[0])
+        # The distance is calibrated on squashed photos, whichever way the category scores them.
+        distance = float(ood.distance(global_features(detector.backbone, detector.preprocess(photo)[None]))[0])
     return Analysis(
         category=detector.category,
         image=np.asarray(photo.resize(size, Image.BICUBIC)),

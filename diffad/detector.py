@@ -16,8 +16,9 @@ from .calibration import Calibration
 from .data import read_image, to_tensor
 from .diffusion import GaussianDiffusion
 from .models import DiffADNet
-from .postprocess import Prediction, StepMaps, normalise, postprocess, step_maps
+from .postprocess import Prediction, StepMaps, merged_prediction, merged_steps, normalise, postprocess, step_maps
 from .scoring import RawMaps, ScoringConfig, raw_maps
+from .windows import Layout, cut, layout_for, photo_input, resize_to, square_layout
 
 
 def shared_backbone(name: str = DEFAULT_BACKBONE, device="cpu") -> FeatureExtractor:
@@ -97,6 +98,20 @@ class AnomalyDetector:
             return image.float().clamp(-1, 1)
         return to_tensor(read_image(image), self.resolution)
 
+    def model_input(self, image) -> tuple[torch.Tensor, Layout]:
+        """The photo as the model scores it and where its windows lie: (3, R, R) squashed, or with
+        `scoring.aspect == "windows"` (3, H, W) at its own aspect with a short side of R (diffad.windows). A tensor
+        is taken as such a photo."""
+        r = self.resolution
+        if self.scoring.aspect == "squash":
+            return self.preprocess(image), square_layout(r)
+        if isinstance(image, torch.Tensor):
+            if image.dim() != 3 or image.shape[0] != 3:
+                raise ValueError(f"expected a (3, H, W) tensor, got {tuple(image.shape)}")
+            layout = layout_for(image.shape[-1], image.shape[-2], r)
+            return resize_to(image.float(), layout).clamp(-1, 1), layout
+        return photo_input(read_image(image), r, self.scoring.aspect)
+
     @torch.no_grad()
     def normalized_features(self, x0: torch.Tensor) -> torch.Tensor:
         mean, std = self.feature_mean.view(1, -1, 1, 1), self.feature_std.view(1, -1, 1, 1)
@@ -134,15 +149,18 @@ class AnomalyDetector:
 
     def predict(self, image, *, seed: int | None = None, view_timesteps=()) -> Prediction:
         """Score one image. `view_timesteps` adds (calibrated) timesteps whose maps are kept for viewing, not scored."""
-        x0 = self.preprocess(image)
-        raw = self.raw_maps(x0[None], list(self.scoring.timesteps) + list(view_timesteps), seed=seed)
-        return postprocess(raw, x0[None], self.calibration, self.scoring)[0]
+        photo, layout = self.model_input(image)
+        windows = cut(photo, layout)
+        raw = self.raw_maps(windows, list(self.scoring.timesteps) + list(view_timesteps), seed=seed)
+        return merged_prediction(postprocess(raw, windows, self.calibration, self.scoring), photo, layout,
+                                 self.calibration, self.scoring)
 
-    def steps(self, image: torch.Tensor, timesteps, *, seed: int | None = None) -> list[StepMaps]:
+    def steps(self, image, timesteps, *, seed: int | None = None) -> list[StepMaps]:
         """What `predict(image, view_timesteps=timesteps)` would add for those timesteps, without scoring: the same
         noise draw, so a timestep computed here equals the one computed with the score."""
-        raw = self.raw_maps(image[None], timesteps, seed=seed)
-        return step_maps(raw, normalise(raw, self.calibration, self.scoring))[0]
+        photo, layout = self.model_input(image)
+        raw = self.raw_maps(cut(photo, layout), timesteps, seed=seed)
+        return merged_steps(step_maps(raw, normalise(raw, self.calibration, self.scoring)), layout)
 
     @torch.no_grad()
     def reconstruct(self, x0: torch.Tensor, t: int, steps: int, seed: int = 0) -> torch.Tensor:

@@ -18,6 +18,7 @@ from .detector import AnomalyDetector
 from .metrics import evaluate_maps
 from .postprocess import combine, normalise
 from .scoring import ScoringConfig
+from .windows import cut, photo_input, stitched_score
 from .visualize import anomaly_picture
 
 log = logging.getLogger(__name__)
@@ -62,29 +63,34 @@ def score_test_set(detector: AnomalyDetector, root, variants: dict[str, Variant]
     scores = {name: [] for name in variants}
     masks, kept, skipped = [], [], 0
     for start in tqdm(range(0, len(samples), batch_size), disable=not progress, desc="evaluate", unit="batch"):
-        batch, batch_masks = [], []
+        photos, batch_masks = [], []
         for sample in samples[start : start + batch_size]:
             try:
-                image = read_image(sample.path)
-                batch_masks.append(load_mask(sample.mask_path, image.size, res))
-                batch.append(to_tensor(image, res))
+                photo = read_image(sample.path)
+                batch_masks.append(load_mask(sample.mask_path, photo.size, res))
+                photos.append(photo)
                 kept.append(sample)
             except DataError as exc:
                 skipped += 1
                 log.warning("skipped %s", exc)
-        if not batch:
+        if not photos:
             continue
         masks += batch_masks
         for names in groups.values():
             timesteps = sorted({t for n in names for t in variants[n].scoring.timesteps})
             pools = sorted({k for n in names for k in variants[n].calibration.feature_pool})
-            raw = detector.raw_maps(torch.stack(batch), timesteps, pools, keep_images=False, batch_size=batch_size,
-                                    scoring=variants[names[0]].scoring)
+            inputs = [photo_input(photo, res, variants[names[0]].scoring.aspect) for photo in photos]
+            layouts = [layout for _, layout in inputs]
+            raw = detector.raw_maps(torch.cat([cut(x, layout) for x, layout in inputs]), timesteps, pools,
+                                    keep_images=False, batch_size=batch_size, scoring=variants[names[0]].scoring)
             for name in names:
                 scoring, calibration = variants[name]
-                for combined in combine(normalise(raw, calibration, scoring), calibration, scoring):
-                    maps[name].append(combined.anomaly.astype(np.float16))
-                    scores[name].append(combined.score)
+                combined = iter(combine(normalise(raw, calibration, scoring), calibration, scoring))
+                for layout in layouts:
+                    windows = [next(combined) for _ in range(layout.count)]
+                    amap, score = stitched_score([w.anomaly for w in windows], [w.score for w in windows], layout, scoring.top_k)
+                    maps[name].append(on_grid(amap, res).astype(np.float16))
+                    scores[name].append(score)
     if not kept:
         raise DataError(f"no readable test images under {root}")
     if skipped:
@@ -94,6 +100,13 @@ def score_test_set(detector: AnomalyDetector, root, variants: dict[str, Variant]
         name: ScoredSet([s.defect for s in kept], labels, np.array(scores[name]), np.stack(maps[name]), np.stack(masks), [s.path for s in kept])
         for name in variants
     }
+
+
+def on_grid(amap: np.ndarray, resolution: int) -> np.ndarray:
+    """A map at the R x R grid the masks are compared on (a photo scored at its own aspect is squashed to it)."""
+    if amap.shape == (resolution, resolution):
+        return amap
+    return np.asarray(Image.fromarray(amap.astype(np.float32)).resize((resolution, resolution), Image.BILINEAR))
 
 
 def validation_split(defects, fraction: float = 0.2, seed: int = 0) -> np.ndarray:

@@ -26,6 +26,7 @@ from .data import to_uint8
 from .detector import AnomalyDetector
 from .gaussian import FeatureGaussian
 from .scoring import gaussian_blur
+from .windows import Layout, cut, stitch
 
 # The normalised energy gradient is clipped to this many standard deviations.
 GRADIENT_CLIP = 3.0
@@ -118,17 +119,24 @@ def feature_gaussian(detector: AnomalyDetector) -> FeatureGaussian:
     return detector.calibration.gaussian
 
 
-def energy_gradient(detector: AnomalyDetector, gaussian: FeatureGaussian, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+def energy(detector: AnomalyDetector, gaussian: FeatureGaussian, x: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """The feature energy of an image: the sum over its windows (one for a square model input)."""
+    return gaussian.energy(detector.backbone(cut(x, layout))).sum()
+
+
+def energy_gradient(detector: AnomalyDetector, gaussian: FeatureGaussian, x: torch.Tensor,
+                    layout: Layout) -> tuple[torch.Tensor, float]:
     x = x.detach().requires_grad_(True)
-    energy = gaussian.energy(detector.backbone(x[None]))[0]
-    (grad,) = torch.autograd.grad(energy, x)
-    return grad, float(energy.detach())
+    value = energy(detector, gaussian, x, layout)
+    (grad,) = torch.autograd.grad(value, x)
+    return grad, float(value.detach())
 
 
-def descent_direction(detector: AnomalyDetector, gaussian: FeatureGaussian, x: torch.Tensor, smoothing: float) -> torch.Tensor:
+def descent_direction(detector: AnomalyDetector, gaussian: FeatureGaussian, x: torch.Tensor, layout: Layout,
+                      smoothing: float) -> torch.Tensor:
     """The step's g: the energy gradient smoothed by `smoothing` (sigma, pixels), at unit std, with its tails clipped
     so that g stays Gaussian-like (a few huge gradients would otherwise push pixels far outside the image range)."""
-    grad, _ = energy_gradient(detector, gaussian, x)
+    grad, _ = energy_gradient(detector, gaussian, x, layout)
     grad = gaussian_blur(grad, smoothing)
     return (grad / grad.std().clamp_min(1e-12)).clamp(-GRADIENT_CLIP, GRADIENT_CLIP)
 
@@ -151,8 +159,10 @@ def morph(detector: AnomalyDetector, image, config: MorphConfig | None = None) -
     config.validate(detector.diffusion.num_timesteps)
     gaussian = feature_gaussian(detector)
     t = config.timestep if config.timestep is not None else matching_timestep(detector, config.step_size, config.denoise_every)
-    t_batch = torch.tensor([max(int(t), 1)], device=detector.device)
-    x = detector.preprocess(image).to(detector.device)
+    # A photo scored at its own aspect is morphed at it too: every step works on its windows.
+    x, layout = detector.model_input(image)
+    x = x.to(detector.device)
+    t_batch = torch.full((layout.count,), max(int(t), 1), device=detector.device)
     shrink = math.sqrt(1.0 - config.step_size**2)
 
     typical = typical_normal_score(detector)
@@ -164,7 +174,7 @@ def morph(detector: AnomalyDetector, image, config: MorphConfig | None = None) -
                           not prediction.is_anomalous, prediction.score <= typical)
 
     with torch.no_grad():
-        energy0 = float(gaussian.energy(detector.backbone(x[None]))[0])
+        energy0 = float(energy(detector, gaussian, x, layout))
     current = frame(0, 0, energy0)
     yield current
     step = 0
@@ -173,14 +183,14 @@ def morph(detector: AnomalyDetector, image, config: MorphConfig | None = None) -
             return
         weight = focus_weight(detector, current.anomaly_map, config.focus)
         for _ in range(int(config.denoise_every)):
-            direction = descent_direction(detector, gaussian, x, config.gradient_smoothing)
+            direction = descent_direction(detector, gaussian, x, layout, config.gradient_smoothing)
             x = blend(x, (shrink * x - config.step_size * direction).clamp(-1, 1), weight)
             step += 1
         with torch.no_grad():
             # Denoise: the deterministic (DDIM) step from t to 0 with the model's noise estimate.
-            x = blend(x, detector.net(x[None], t_batch).x0[0].clamp(-1, 1), weight)
-            energy = float(gaussian.energy(detector.backbone(x[None]))[0])
-        current = frame(step, loop, energy)
+            x = blend(x, stitch(detector.net(cut(x, layout), t_batch).x0, layout).clamp(-1, 1), weight)
+            loop_energy = float(energy(detector, gaussian, x, layout))
+        current = frame(step, loop, loop_energy)
         yield current
 
 

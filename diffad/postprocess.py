@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from .scoring import RawMaps, ScoringConfig
+from .windows import Layout, stitch, stitch_picture
 
 if TYPE_CHECKING:
     from .calibration import Calibration
@@ -107,7 +108,7 @@ class StepMaps:
 
 @dataclass(frozen=True)
 class Prediction:
-    image: torch.Tensor  # (3, R, R) the input as the model saw it, in [-1, 1]
+    image: torch.Tensor  # (3, H, W) the input as the model saw it, in [-1, 1]: R x R, or at the photo's aspect
     score: float
     percentile: float  # of the score among held-out normal images
     image_threshold: float  # the score above which an image is anomalous
@@ -150,3 +151,38 @@ def step_maps(raw: RawMaps, z: RawMaps) -> list[list[StepMaps]]:
     kl_z, feature_z = z.kl.cpu().numpy(), z.features[min(raw.features)].cpu().numpy()
     return [[StepMaps(t, xt[i, j], x0_hat[i, j], kl[i, j], {k: v[i, j] for k, v in features.items()}, step_rgb[i, j],
                       kl_z[i, j], feature_z[i, j]) for j, t in enumerate(raw.timesteps)] for i in range(len(raw))]
+
+
+def merged_steps(windows: list[list[StepMaps]], layout: Layout) -> list[StepMaps]:
+    """One photo's StepMaps from those of its windows (per window, per timestep): maps averaged where windows
+    overlap, x_t and x̂0 from the nearest window's centre."""
+    if layout.count == 1:
+        return windows[0]
+    merged = []
+    for j, step in enumerate(windows[0]):
+        def joined(name: str):
+            return stitch(np.stack([getattr(w[j], name) for w in windows]), layout)
+
+        pictures = {name: stitch_picture(torch.stack([getattr(w[j], name) for w in windows]), layout) for name in ("xt", "x0_hat")}
+        features = {k: stitch(np.stack([w[j].features[k] for w in windows]), layout) for k in step.features}
+        merged.append(StepMaps(step.t, pictures["xt"], pictures["x0_hat"], joined("kl"), features, joined("rgb"),
+                               joined("kl_z"), joined("feature_z")))
+    return merged
+
+
+def merged_prediction(windows: list[Prediction], photo: torch.Tensor, layout: Layout, calibration: "Calibration",
+                      scoring: ScoringConfig) -> Prediction:
+    """One photo's Prediction from its windows': the stitched maps, scored as any map is (top-k mean, k scaled with
+    the map's area)."""
+    if layout.count == 1:
+        return windows[0]
+    def joined(name: str) -> np.ndarray:
+        return stitch(np.stack([getattr(w, name) for w in windows]), layout)
+
+    anomaly = joined("anomaly_map")
+    score = top_k_mean(anomaly, scoring.top_k)
+    return Prediction(
+        image=photo.cpu(), score=score, percentile=calibration.percentile(score), image_threshold=calibration.image_threshold,
+        anomaly_map=anomaly, pixel_map=joined("pixel_map"), feature_map=joined("feature_map"), rgb_map=joined("rgb_map"),
+        mask_threshold=calibration.mask_threshold, steps=merged_steps([w.steps for w in windows], layout),
+    )

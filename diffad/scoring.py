@@ -16,6 +16,7 @@ from .diffusion import GaussianDiffusion
 from .models import DiffADNet
 
 NORMALISATIONS = ("calibrated", "per_image")
+ASPECTS = ("squash", "windows")
 PIXEL_KINDS = ("kl", "rgb")
 MAP_KINDS = (*PIXEL_KINDS, "feature")
 
@@ -63,12 +64,17 @@ class ScoringConfig:
     # so that their calibration statistics, z units and panels are those of the smoothed map: a per-pixel squared
     # error is far noisier than a defect is small (benchmarks/select_on_validation.py chooses it).
     pixel_smoothing: float = 0.0
+    # How a non-square photo meets the square model: "squash" it to R x R (how the model was trained), or score
+    # "windows": R x R squares along its long side at its own aspect, maps stitched back (diffad.windows).
+    aspect: str = "squash"
 
     def __post_init__(self):
         if self.normalisation not in NORMALISATIONS:
             raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {self.normalisation!r}")
         if self.pixel_kind not in PIXEL_KINDS:
             raise ValueError(f"pixel_kind must be one of {PIXEL_KINDS}, got {self.pixel_kind!r}")
+        if self.aspect not in ASPECTS:
+            raise ValueError(f"aspect must be one of {ASPECTS}, got {self.aspect!r}")
         if not 1 <= self.kl_jump <= 100:
             raise ValueError(f"kl_jump must be between 1 and 100 timesteps, got {self.kl_jump}")
         if not 0 <= self.pixel_smoothing <= 64:
@@ -89,7 +95,7 @@ class ScoringConfig:
     @property
     def raw_options(self) -> tuple:
         """What the raw maps depend on besides the timesteps: variants that agree here share one model pass."""
-        return self.kl_jump, self.clip_x0, self.fresh_noise, self.pixel_smoothing
+        return self.kl_jump, self.clip_x0, self.fresh_noise, self.pixel_smoothing, self.aspect
 
 
 def pool_sizes(value) -> tuple[int, ...]:

@@ -15,12 +15,13 @@ from tqdm.auto import tqdm
 
 from .calibration import calibrate
 from .checkpoint import load_checkpoint, save_checkpoint, validate_category
-from .data import DataError, list_images, load_images, train_folder
+from .data import DataError, list_images, load_images, read_image, train_folder
 from .detector import AnomalyDetector, shared_backbone
 from .diffusion import GaussianDiffusion
 from .gaussian import fit_feature_gaussian
 from .models import DiffADNet, NetConfig
 from .scoring import ScoringConfig, pool_sizes, strict_kwargs
+from .windows import cut, photo_input
 
 log = logging.getLogger(__name__)
 STATE_NAME = "train_state.pt"
@@ -282,10 +283,23 @@ def training_config(detector: AnomalyDetector) -> TrainConfig:
 
 def checkpoint_split(detector: AnomalyDetector, data) -> tuple[torch.Tensor, torch.Tensor]:
     """The checkpoint's own training images and held-out calibration images in `data` (its seed and fraction)."""
-    settings = training_config(detector)
-    images, _, _ = load_images(list_images(train_folder(data)), detector.resolution)
-    train_idx, hold_idx = split_holdout(len(images), settings.holdout_fraction, settings.seed)
+    images, _, train_idx, hold_idx = _split(detector, data)
     return images[train_idx], images[hold_idx]
+
+
+def _split(detector: AnomalyDetector, data):
+    settings = training_config(detector)
+    images, paths, _ = load_images(list_images(train_folder(data)), detector.resolution)
+    train_idx, hold_idx = split_holdout(len(images), settings.holdout_fraction, settings.seed)
+    return images, paths, train_idx, hold_idx
+
+
+def holdout_windows(detector: AnomalyDetector, data) -> tuple[torch.Tensor, list]:
+    """The held-out calibration images as the detector's scoring sees them: their windows (diffad.windows), in
+    order, and each photo's layout."""
+    _, paths, _, hold_idx = _split(detector, data)
+    inputs = [photo_input(read_image(paths[i]), detector.resolution, detector.scoring.aspect) for i in hold_idx]
+    return torch.cat([cut(photo, layout) for photo, layout in inputs]), [layout for _, layout in inputs]
 
 
 def recalibrate(checkpoint, data, feature_pool=None, scoring: dict | None = None,
@@ -306,6 +320,8 @@ def recalibrate(checkpoint, data, feature_pool=None, scoring: dict | None = None
     train_images, holdout = checkpoint_split(detector, data)
     features = augmented_features(detector.backbone, train_images, _augmentations(settings.augment), detector.device)
     gaussian = fit_feature_gaussian(detector.backbone, train_images, features.flatten(0, 1), settings.gaussian_dims, settings.seed)
-    detector.calibration = calibrate(detector, holdout, feature_pool=pools, smoothing_sigma=smoothing_sigma, gaussian=gaussian)
+    windows, layouts = holdout_windows(detector, data) if detector.scoring.aspect != "squash" else (holdout, None)
+    detector.calibration = calibrate(detector, windows, feature_pool=pools, smoothing_sigma=smoothing_sigma,
+                                     gaussian=gaussian, layouts=layouts)
     save_checkpoint(detector, checkpoint)
     return detector

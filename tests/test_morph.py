@@ -6,6 +6,7 @@ from PIL import Image
 
 from diffad import load_checkpoint
 from diffad.gaussian import FeatureGaussian, fit_feature_gaussian
+from diffad.windows import square_layout
 from diffad.morph import (MorphConfig, before_after, descent_direction, energy_gradient, export_gif, export_mp4,
                           feature_gaussian, focus_weight, morph)
 from tests.conftest import BOTTLE, needs_bottle
@@ -26,7 +27,7 @@ def test_energy_gradient_matches_finite_differences(detector, defective):
 
     gaussian = feature_gaussian(detector)
     x = detector.preprocess(defective)
-    grad, _ = energy_gradient(detector, gaussian, x)
+    grad, _ = energy_gradient(detector, gaussian, x, square_layout(detector.resolution))
     # Central differences in float64 with a small step: ReLU6 kinks make float32 differences unreliable.
     backbone = copy.deepcopy(detector.backbone).double()
     g64 = copy.deepcopy(gaussian)
@@ -55,7 +56,7 @@ def test_the_smoothed_direction_still_descends_but_changes_the_picture_at_a_coar
     def roughness(direction):  # neighbouring-pixel differences against the direction's own size
         return float((direction[:, :, 1:] - direction[:, :, :-1]).abs().mean() / direction.abs().mean())
 
-    raw, smooth = (descent_direction(detector, gaussian, x, sigma) for sigma in (0.0, 2.0))
+    raw, smooth = (descent_direction(detector, gaussian, x, square_layout(detector.resolution), sigma) for sigma in (0.0, 2.0))
     assert all(0.5 < float(d.std()) <= 1.0 + 1e-4 and d.abs().max() <= 3.0 for d in (raw, smooth))  # unit std, clipped
     assert roughness(smooth) < 0.5 * roughness(raw)
     for direction in (raw, smooth):
