@@ -220,7 +220,7 @@ def analysis_outputs(analysis: Analysis, pending_note: str = "") -> tuple:
         *pictures,
         step_text,
         # Scrubbing waits for every timestep: until then the panels could only jump between the scored ones.
-        gr.update(minimum=min(analysis.timesteps), maximum=max(analysis.timesteps), value=first,
+        gr.update(minimum=min(analysis.calibrated_timesteps), maximum=max(analysis.calibrated_timesteps), value=first,
                   interactive=analysis.complete),
         *MORPH_CLEARED,
     )
@@ -234,7 +234,7 @@ def completed_outputs(analysis: Analysis, shown_t: int) -> tuple:
     """What the page changes when the remaining timesteps arrive (the panels still show `shown_t`): the State, the
     text under the panels and the slider, now open. The verdict and thresholds stay as the user may have set them."""
     return (analysis, *[gr.skip()] * 10, step_view(analysis, shown_t)[-1],
-            gr.update(minimum=min(analysis.timesteps), maximum=max(analysis.timesteps), interactive=True),
+            gr.update(minimum=min(analysis.calibrated_timesteps), maximum=max(analysis.calibrated_timesteps), interactive=True),
             *[gr.skip()] * len(MORPH_CLEARED))
 
 
@@ -467,8 +467,6 @@ def _with_step_near(registry: CheckpointRegistry, analysis: Analysis, t: float) 
         return with_step_near(detector, analysis, t)
     except InputProblem as exc:
         raise gr.Error(str(exc), print_exception=False) from exc
-    finally:
-        release_memory()
 
 
 def snap_timestep(analysis, t):

@@ -52,6 +52,7 @@ class Analysis:
     pixel_smoothing: float = 0.0  # of the KL panels, in model-input pixels
     model_input: torch.Tensor | None = None  # the photo as the model saw it (Prediction.image): the later panels are made from it
     seed: int | None = None
+    calibrated_timesteps: tuple[int, ...] = ()  # every timestep the panels can show (the slider's range)
 
     @property
     def complete(self) -> bool:
@@ -166,6 +167,7 @@ def analyse(detector: AnomalyDetector, image, known_mask: np.ndarray | None = No
         pixel_smoothing=detector.scoring.pixel_smoothing,
         model_input=None if all_steps else prediction.image,
         seed=seed,
+        calibrated_timesteps=tuple(detector.calibration.timesteps),
     )
 
 
@@ -178,18 +180,18 @@ def with_steps(detector: AnomalyDetector, analysis: Analysis, timesteps) -> Anal
     size = display_size(*analysis.photo_size, PANEL_SIDE)
     steps = sorted(analysis.steps + _step_views(detector, detector.steps(analysis.model_input, missing, seed=analysis.seed), size),
                    key=lambda step: step["t"])
-    done = {step["t"] for step in steps} >= set(detector.calibration.timesteps)
+    done = {step["t"] for step in steps} >= set(analysis.calibrated_timesteps)
     return replace(analysis, steps=steps, model_input=None if done else analysis.model_input)
 
 
 def with_all_steps(detector: AnomalyDetector, analysis: Analysis) -> Analysis:
     """The analysis with the panels of every calibrated timestep."""
-    return with_steps(detector, analysis, detector.calibration.timesteps)
+    return with_steps(detector, analysis, analysis.calibrated_timesteps)
 
 
 def with_step_near(detector: AnomalyDetector, analysis: Analysis, t: float) -> Analysis:
     """The analysis with the panels of the calibrated timestep nearest to t (what the slider then shows)."""
-    return with_steps(detector, analysis, [min(detector.calibration.timesteps, key=lambda s: (abs(s - float(t)), s))])
+    return with_steps(detector, analysis, [min(analysis.calibrated_timesteps, key=lambda s: (abs(s - float(t)), s))])
 
 
 def is_anomalous(analysis: Analysis, image_threshold: float) -> bool:

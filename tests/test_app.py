@@ -42,6 +42,8 @@ def test_analyse_scrub_threshold_and_morph(client, tiny_dataset):
     views = client.predict(150, api_name="/timestep")
     assert all(Path(p).is_file() for p in views[:4]) and "t = 150" in views[4]
     assert "t = 50" in client.predict(47, api_name="/timestep")[4]
+    # The slider spans every calibrated timestep from the start, though /analyse computed only the scored ones.
+    assert "**t = 5**" in client.predict(5, api_name="/timestep")[4] and "**t = 500**" in client.predict(500, api_name="/timestep")[4]
     score = details["score"]
     _, verdict, shown = client.predict("Combined", 0.5, score * 1.1, api_name="/threshold")
     assert "Normal" in verdict and "Flagged area: 0.00%" not in verdict and shown["verdict"] == "normal"
