@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .scoring import RawMaps, ScoringConfig
-from .windows import Layout, stitch, stitch_picture
+from .windows import Layout, stitch, stitch_picture, stitched_score
 
 if TYPE_CHECKING:
     from .calibration import Calibration
@@ -176,11 +176,11 @@ def merged_prediction(windows: list[Prediction], photo: torch.Tensor, layout: La
     the map's area)."""
     if layout.count == 1:
         return windows[0]
+
     def joined(name: str) -> np.ndarray:
         return stitch(np.stack([getattr(w, name) for w in windows]), layout)
 
-    anomaly = joined("anomaly_map")
-    score = top_k_mean(anomaly, scoring.top_k)
+    anomaly, score = stitched_score([w.anomaly_map for w in windows], [w.score for w in windows], layout, scoring.top_k)
     return Prediction(
         image=photo.cpu(), score=score, percentile=calibration.percentile(score), image_threshold=calibration.image_threshold,
         anomaly_map=anomaly, pixel_map=joined("pixel_map"), feature_map=joined("feature_map"), rgb_map=joined("rgb_map"),
