@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from .gaussian import GAUSSIAN_KEYS, FeatureGaussian
 from .postprocess import combine, normalise
 from .scoring import RawMaps, pool_sizes, strict_kwargs
-from .windows import square_layout, stitched_score
+from .windows import per_photo, square_layout
 
 if TYPE_CHECKING:
     from .detector import AnomalyDetector
@@ -229,11 +229,8 @@ def calibrate(detector: "AnomalyDetector", normal_images: torch.Tensor, *, times
         calibration = select_smoothing(detector, normal_images, calibration, batch_size=batch_size)
     else:
         calibration = replace(calibration, smoothing_sigma=float(smoothing_sigma))
-    combined = iter(combine(normalise(raw, calibration, scoring), calibration, scoring))
-    photos = []
-    for layout in layouts or [square_layout(detector.resolution)] * len(normal_images):
-        windows = [next(combined) for _ in range(layout.count)]
-        photos.append(stitched_score([w.anomaly for w in windows], [w.score for w in windows], layout, scoring.top_k))
+    photos = per_photo(combine(normalise(raw, calibration, scoring), calibration, scoring),
+                       layouts or [square_layout(detector.resolution)] * len(normal_images), scoring.top_k)
     scores = [score for _, score in photos]
     pixels = np.concatenate([amap.ravel() for amap, _ in photos])
     return replace(calibration, normal_scores=tuple(sorted(scores)),

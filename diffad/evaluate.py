@@ -18,7 +18,7 @@ from .detector import AnomalyDetector
 from .metrics import evaluate_maps
 from .postprocess import combine, normalise
 from .scoring import ScoringConfig
-from .windows import cut, photo_input, stitched_score
+from .windows import cut, per_photo, photo_input
 from .visualize import anomaly_picture
 
 log = logging.getLogger(__name__)
@@ -85,10 +85,8 @@ def score_test_set(detector: AnomalyDetector, root, variants: dict[str, Variant]
                                     keep_images=False, batch_size=batch_size, scoring=variants[names[0]].scoring)
             for name in names:
                 scoring, calibration = variants[name]
-                combined = iter(combine(normalise(raw, calibration, scoring), calibration, scoring))
-                for layout in layouts:
-                    windows = [next(combined) for _ in range(layout.count)]
-                    amap, score = stitched_score([w.anomaly for w in windows], [w.score for w in windows], layout, scoring.top_k)
+                for amap, score in per_photo(combine(normalise(raw, calibration, scoring), calibration, scoring),
+                                             layouts, scoring.top_k):
                     maps[name].append(on_grid(amap, res).astype(np.float16))
                     scores[name].append(score)
     if not kept:

@@ -294,10 +294,10 @@ def _split(detector: AnomalyDetector, data):
     return images, paths, train_idx, hold_idx
 
 
-def holdout_windows(detector: AnomalyDetector, data) -> tuple[torch.Tensor, list]:
+def holdout_windows(detector: AnomalyDetector, data, split=None) -> tuple[torch.Tensor, list]:
     """The held-out calibration images as the detector's scoring sees them: their windows (diffad.windows), in
-    order, and each photo's layout."""
-    _, paths, _, hold_idx = _split(detector, data)
+    order, and each photo's layout. `split`: `_split`'s result when the caller already loaded it."""
+    _, paths, _, hold_idx = split or _split(detector, data)
     inputs = [photo_input(read_image(paths[i]), detector.resolution, detector.scoring.aspect) for i in hold_idx]
     return torch.cat([cut(photo, layout) for photo, layout in inputs]), [layout for _, layout in inputs]
 
@@ -317,10 +317,12 @@ def recalibrate(checkpoint, data, feature_pool=None, scoring: dict | None = None
         raise ValueError(f"smoothing must be a sigma between 0 and 64 pixels, got {smoothing_sigma}")
     pools = detector.calibration.feature_pool if feature_pool is None else pool_sizes(feature_pool)
     settings = training_config(detector)
-    train_images, holdout = checkpoint_split(detector, data)
+    split = _split(detector, data)
+    images, _, train_idx, hold_idx = split
+    train_images, holdout = images[train_idx], images[hold_idx]
     features = augmented_features(detector.backbone, train_images, _augmentations(settings.augment), detector.device)
     gaussian = fit_feature_gaussian(detector.backbone, train_images, features.flatten(0, 1), settings.gaussian_dims, settings.seed)
-    windows, layouts = holdout_windows(detector, data) if detector.scoring.aspect != "squash" else (holdout, None)
+    windows, layouts = holdout_windows(detector, data, split) if detector.scoring.aspect != "squash" else (holdout, None)
     detector.calibration = calibrate(detector, windows, feature_pool=pools, smoothing_sigma=smoothing_sigma,
                                      gaussian=gaussian, layouts=layouts)
     save_checkpoint(detector, checkpoint)

@@ -75,6 +75,16 @@ def photo_input(photo, resolution: int, aspect: str) -> tuple[torch.Tensor, Layo
     return to_tensor(photo, (layout.width, layout.height)), layout
 
 
+def per_photo(combined, layouts, top_k: int) -> list[tuple[np.ndarray, float]]:
+    """Each photo's anomaly map and score from the CombinedMaps of all windows, photo after photo in `layouts` order."""
+    windows = iter(combined)
+    photos = []
+    for layout in layouts:
+        mine = [next(windows) for _ in range(layout.count)]
+        photos.append(stitched_score([w.anomaly for w in mine], [w.score for w in mine], layout, top_k))
+    return photos
+
+
 def stitched_score(maps: list[np.ndarray], scores: list[float], layout: Layout, top_k: int) -> tuple[np.ndarray, float]:
     """One photo's anomaly map and score from its windows' maps and scores (a single window's are its own)."""
     if layout.count == 1:
