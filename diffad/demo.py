@@ -148,7 +148,8 @@ def analyse(detector: AnomalyDetector, image, known_mask: np.ndarray | None = No
         from .ood import global_features
 
         # The distance is calibrated on squashed photos, whichever way the category scores them.
-        distance = float(ood.distance(global_features(detector.backbone, detector.preprocess(photo)[None]))[0])
+        squashed = prediction.image if prediction.image.shape[-1] == prediction.image.shape[-2] else detector.preprocess(photo)
+        distance = float(ood.distance(global_features(detector.backbone, squashed[None]))[0])
     return Analysis(
         category=detector.category,
         image=np.asarray(photo.resize(size, Image.BICUBIC)),
