@@ -15,7 +15,7 @@ from .data import IMAGE_SUFFIXES, DataError, list_images, to_uint8
 from .evaluate import MAP_KINDS
 from .examples import POLISH_LOOPS
 from .morph import STOP_RULES, MorphConfig
-from .train import AUGMENTATIONS, TrainConfig
+from .train import AUGMENTATIONS, PRECISIONS, TrainConfig
 
 log = logging.getLogger("diffad")
 
@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--augment", choices=AUGMENTATIONS, default=TrainConfig.augment)
     train.add_argument("--seed", type=int, default=TrainConfig.seed)
     train.add_argument("--device", default=TrainConfig.device, help="cpu, cuda or auto")
+    train.add_argument("--precision", choices=PRECISIONS, default=TrainConfig.precision,
+                       help="bf16: mixed precision for the network (fast on a GPU)")
     train.add_argument("--save-every", type=int, default=TrainConfig.save_every)
     train.add_argument("--time-limit", type=float, metavar="MINUTES",
                        help="stop after this many minutes of training, saving the checkpoint there (--resume continues)")
@@ -50,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--init-from", metavar="CHECKPOINT",
                        help="start from this checkpoint's network (folder or Hub id): train it longer or fine-tune it")
     train.add_argument("--net", type=json.loads, default={}, help='network overrides as JSON, e.g. \'{"patch": 2}\'')
+    train.add_argument("--scoring", type=json.loads, default={},
+                       help='scoring settings as JSON, e.g. \'{"aspect": "windows"}\' (the network then trains on the '
+                       'windows it will score); `diffad calibrate` can change all but the aspect later')
+    train.add_argument("--feature-pool", metavar="K[,K...]", default="1",
+                       help="feature-residual pooling sizes calibrated at save time (as for calibrate)")
 
     evaluate = sub.add_parser("evaluate", help="metrics on an MVTec-layout test split")
     _add_checkpoint_args(evaluate)
@@ -149,6 +156,7 @@ def cmd_train(args) -> int:
         data=args.data, out=args.out, category=args.category, resolution=args.resolution, steps=args.steps,
         batch_size=args.batch_size, lr=args.lr, augment=args.augment, seed=args.seed, device=args.device,
         save_every=args.save_every, init_from=args.init_from, time_limit=args.time_limit, net=args.net,
+        scoring=args.scoring, feature_pool=args.feature_pool, precision=args.precision,
     )
     train(config)
     print(f"checkpoint written to {out}")

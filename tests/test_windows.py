@@ -1,5 +1,6 @@
 """Non-square photos scored at their own aspect: windows, stitching, and the paths that use them."""
 import dataclasses
+import json
 import shutil
 
 import numpy as np
@@ -117,3 +118,26 @@ def test_the_morph_of_a_wide_photo_keeps_its_aspect(windowed):
     assert all(tuple(f.image.shape) == (3, layout.height, layout.width) for f in frames)
     assert frames[-1].anomaly_map.shape == (layout.height, layout.width)
     assert not torch.equal(frames[0].image, frames[1].image)
+
+
+def test_training_at_the_photos_aspect_learns_their_windows(wide_dataset, tmp_path):
+    from diffad.train import _apply, _augmentations, _split, as_scored
+    from tests.conftest import TINY_NET
+
+    out = tmp_path / "part"
+    assert main(["train", "--data", str(wide_dataset), "--out", str(out), "--resolution", "32", "--steps", "2",
+                 "--batch-size", "2", "--net", json.dumps(TINY_NET), "--scoring", '{"aspect": "windows"}',
+                 "--feature-pool", "1,3", "--precision", "bf16"]) == 0
+    detector = load_checkpoint(out)
+    assert detector.scoring.aspect == "windows" and detector.calibration.feature_pool == (1, 3)
+    assert detector.training["precision"] == "bf16" and detector.training["steps_done"] == 2
+    images, paths, train_idx, _ = _split(detector, wide_dataset)
+    windows, layouts = as_scored(images, paths, train_idx, 32, "windows")
+    assert len(windows) == sum(layout.count for layout in layouts) == 3 * len(train_idx)
+
+    def augmented_mean(x):
+        return torch.cat([_apply(x, r, f) for r, f in _augmentations("flip")]).mean(dim=0)
+
+    # The Wiener estimate's statistics are those of the windows (stored in fp16), not of the squashed photos.
+    assert torch.allclose(detector.net.data_mean, augmented_mean(windows), atol=1e-3)
+    assert not torch.allclose(detector.net.data_mean, augmented_mean(images[train_idx]), atol=1e-2)
