@@ -265,8 +265,8 @@ def train(config: TrainConfig, progress: bool = True) -> Path:
                 },
                 state_path,
             )
-            _write_checkpoint(net, ema, config, category, (holdout, hold_layouts), feature_mean, feature_std, gaussian, step,
-                              elapsed, (len(train_idx), len(hold_idx), len(skipped)), device)
+            _write_checkpoint(net, ema, config, category, holdout, hold_layouts, feature_mean, feature_std, gaussian,
+                              step, elapsed, len(train_idx), len(hold_idx), len(skipped), device)
             net.train()
         if out_of_time:
             log.info("time limit of %s min reached at step %d", config.time_limit, step)
@@ -276,11 +276,9 @@ def train(config: TrainConfig, progress: bool = True) -> Path:
     return out
 
 
-def _write_checkpoint(net, ema, config, category, holdout, feature_mean, feature_std, gaussian, step, elapsed, counts, device):
-    """`holdout`: the held-out windows and their photos' layouts (None when squashed); `counts`: how many training,
-    held-out and unreadable photos."""
-    windows, layouts = holdout
-    n_train, n_holdout, n_skipped = counts
+def _write_checkpoint(net, ema, config, category, holdout, hold_layouts, feature_mean, feature_std, gaussian, step,
+                      elapsed, n_train, n_holdout, n_skipped, device):
+    """`holdout`: the held-out images as scored (windows, with their photos' `hold_layouts`; None when squashed)."""
     ema_net = copy.deepcopy(net).eval()
     ema.copy_to(ema_net.parameters())
     training = {k: v for k, v in asdict(config).items() if k not in ("out", "device")}
@@ -290,8 +288,8 @@ def _write_checkpoint(net, ema, config, category, holdout, feature_mean, feature
         ema_net, category=category, scoring=ScoringConfig.from_dict(config.scoring), training=training,
         feature_mean=feature_mean, feature_std=feature_std,
     ).to(device)
-    detector.calibration = calibrate(detector, windows, feature_pool=config.feature_pool, gaussian=gaussian,
-                                     layouts=layouts)
+    detector.calibration = calibrate(detector, holdout, feature_pool=config.feature_pool, gaussian=gaussian,
+                                     layouts=hold_layouts)
     save_checkpoint(detector, config.out)
     log.info("step %d: checkpoint written to %s (threshold %.3f)", step, config.out, detector.calibration.image_threshold)
 
