@@ -12,7 +12,7 @@ from benchmarks.baselines import PatchCore
 from diffad.data import list_test_samples, load_mask, read_image, to_uint8
 from diffad.evaluate import ScoredSet
 from diffad.calibration import IMAGE_THRESHOLD_QUANTILE
-from diffad.morph import MorphConfig, morph
+from diffad.morph import MorphConfig, matching_timestep, morph
 from diffad.train import checkpoint_split
 from diffad.visualize import outline
 
@@ -34,6 +34,44 @@ def patchcore_judge(detector, root) -> tuple[PatchCore, float]:
     train_images, holdout = checkpoint_split(detector, root)
     judge = PatchCore(detector.backbone).fit(train_images)
     return judge, float(np.quantile(judge.predict(holdout)[0], IMAGE_THRESHOLD_QUANTILE))
+
+
+# Pixel noise that a camera could leave (1.3 grey levels): how sensitive the judge is to texture alone.
+JUDGE_NOISE_STD = 0.01
+
+
+@torch.no_grad()
+def judge_ceiling(detector, root, judge: tuple[PatchCore, float], seed: int = 0) -> dict:
+    """What the judge makes of the checkpoint's held-out normal images as they are, after one pass of the denoiser
+    at the morph's timestep (what each morph loop writes where it updates the image), and with faint pixel noise.
+    A morph whose updated pixels come from the denoiser cannot pass the judge more often than the second."""
+    patchcore, threshold = judge
+    _, holdout = checkpoint_split(detector, root)
+    config = MorphConfig()
+    t = matching_timestep(detector, config.step_size, config.denoise_every)
+    generator = torch.Generator().manual_seed(seed)
+    noised = detector.diffusion.q_sample(holdout, t, torch.randn(holdout.shape, generator=generator))
+    denoised = torch.cat([detector.net(batch.to(detector.device), torch.full((len(batch),), t, device=detector.device)).x0
+                          .clamp(-1, 1).cpu() for batch in noised.split(8)])
+    noisy = (holdout + JUDGE_NOISE_STD * torch.randn(holdout.shape, generator=generator)).clamp(-1, 1)
+    out = {"images": len(holdout), "timestep": t, "threshold": threshold, "noise_std": JUDGE_NOISE_STD}
+    for name, images in (("as_they_are", holdout), ("denoised", denoised), ("pixel_noise", noisy)):
+        scores = patchcore.predict(images)[0]
+        out[name] = {"normal_fraction": float(np.mean(scores <= threshold)), "median_score": float(np.median(scores))}
+    return out
+
+
+def ceiling_line(c: dict) -> str:
+    return (f"- what the judge makes of the {c['images']} held-out normal images: normal as they are "
+            f"{c['as_they_are']['normal_fraction']:.0%} (median score {c['as_they_are']['median_score']:.1f}, threshold "
+            f"{c['threshold']:.1f}); after one pass of the denoiser at the morph's t = {c['timestep']}, which is what each "
+            f"loop writes where it changes the image, **{c['denoised']['normal_fraction']:.0%}** (median "
+            f"{c['denoised']['median_score']:.1f}); with pixel noise of std {c['noise_std']:g} ({c['noise_std'] * 127.5:.1f} "
+            f"grey levels) {c['pixel_noise']['normal_fraction']:.0%} (median {c['pixel_noise']['median_score']:.1f}). "
+            + ("The judge rejects the denoiser's own texture even on normal parts, and the morph's changed region is "
+               "made of that texture: that caps how often the judge can agree, and a better denoiser is what lifts it"
+               if c["denoised"]["normal_fraction"] < 0.5 else
+               "The judge accepts the denoiser's texture on normal parts, so what it flags after a morph is the defect"))
 
 
 def grid(pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray]], size: int = 192) -> Image.Image:
@@ -150,6 +188,8 @@ def render(r: dict) -> list[str]:
                f"- same for a plain diffusion reconstruction (noise to t = 200, denoise back): {m['median_reconstruction_psnr_outside_mask_db']:.1f} dB",
                f"- mean absolute change inside the mask: {m['median_abs_change_inside_mask']:.1f} grey levels (median)",
                f"- feature energy at the end / at the start: {m['median_energy_ratio']:.2f} (median)"]
+        if r.get("morph_judge_ceiling"):
+            out.append(ceiling_line(r["morph_judge_ceiling"]))
         f = r.get("morph_paper", {})
         if "normal_after_fraction" in f:
             out += [f"- the paper's morph (`focus = 0`, every pixel updated by the raw gradient): below the threshold "
@@ -167,6 +207,7 @@ def measure(detector, root, n_images: int, threads: int, grid_folder: Path | Non
     labelled = ScoredSet([x.defect for x in samples], np.array([x.is_anomalous for x in samples]), None, None,
                          np.stack(masks), [x.path for x in samples])
     judge = patchcore_judge(detector, root)
-    return {name: morph_quality(detector, labelled, n_images, threads, config, judge,
-                                grid_folder / f"{detector.category}_{name}_grid.png" if grid_folder else None)
-            for name, config in MORPH_VARIANTS.items()}
+    return {**{name: morph_quality(detector, labelled, n_images, threads, config, judge,
+                                   grid_folder / f"{detector.category}_{name}_grid.png" if grid_folder else None)
+               for name, config in MORPH_VARIANTS.items()},
+            "morph_judge_ceiling": judge_ceiling(detector, root, judge)}
