@@ -137,7 +137,10 @@ normal images of the category; a photo far outside them (another product, noise)
 
 **The morph** walks the image down the gradient of a Gaussian model of normal features (PaDiM-style energy), in
 steps that look like diffusion noise, and lets the diffusion model remove that noise every few steps. The defect is
-replaced while normal regions keep their detail.
+replaced while normal regions keep their detail. What is painted in is the diffusion model's own estimate, smoother and
+grainier than a photo: an independent PatchCore check still flags most morphed bottles on that texture (the
+repository's benchmarks/results.md), so read the result as how the model would change the part, not as a photo of a
+repaired one.
 
 Checkpoints trained on MVTec AD (CC BY-NC-SA 4.0) and Magnetic-Tile (cite Huang et al.).
 """

@@ -387,7 +387,7 @@ def step_colorbar() -> np.ndarray:
     return colorbar(*STEP_Z_RANGE, "KL and feature error panels: z units over normal pixels at this t", width=512)
 
 
-# The morph's messages; issue 19 will reword the end message ("scores like a typical normal part"): here only.
+# The morph's messages.
 def morph_status(frame, image_threshold: float, typical_score: float) -> str:
     reached = (" — scores like a typical normal part ✅" if frame.is_typical
                else " — under the verdict threshold" if frame.is_normal else "")
@@ -403,7 +403,8 @@ def morph_done(status: str, last_frame, max_loops: int) -> str:
     """What the morph reached, and what to try when it ran out of loops."""
     loops = last_frame.loop
     if last_frame.is_typical:
-        return status + f" — finished after {loops} loops: the part now scores like a typical normal part."
+        return (status + f" — finished after {loops} loops: the part now scores like a typical normal part (by this "
+                "model's score: the repainted region carries the model's own texture, not a photo's).")
     advice = (f"more loops, or a larger step size; for a large defect, set “{FOCUS_LABEL}” to 0 "
               "(every pixel then changes, as in the paper's morph)")
     if last_frame.is_normal:

@@ -378,6 +378,8 @@ def test_the_morph_says_what_it_reached_and_what_to_try_when_loops_run_out():
         return morph_done("status", SimpleNamespace(loop=16, is_typical=typical, is_normal=normal), 16)
 
     assert "scores like a typical normal part" in end(True, True) and "Try" not in end(True, True)
+    # The model's score is what was reached; an independent judge still flags the repainted texture (findings).
+    assert "model's own texture" in end(True, True)
     assert "under the verdict threshold, but still above a typical normal part" in end(False, True) and "Try more loops" in end(False, True)
     assert "still scores as anomalous" in end(False, False) and "Try more loops" in end(False, False)
     assert f"set “{FOCUS_LABEL}” to 0" in end(False, False)  # the control the page shows, by its label
