@@ -44,7 +44,8 @@ JUDGE_NOISE_STD = 0.01
 def judge_ceiling(detector, root, judge: tuple[PatchCore, float], seed: int = 0) -> dict:
     """What the judge makes of the checkpoint's held-out normal images as they are, after one pass of the denoiser
     at the morph's timestep (what each morph loop writes where it updates the image), and with faint pixel noise.
-    A morph whose updated pixels come from the denoiser cannot pass the judge more often than the second."""
+    The denoiser pass covers the whole image where a morph changes only part of it: it shows how much of the judge's
+    verdict is texture, not a bound on the morph's figure."""
     patchcore, threshold = judge
     _, holdout = checkpoint_split(detector, root)
     config = MorphConfig()
@@ -69,7 +70,8 @@ def ceiling_line(c: dict) -> str:
             f"{c['denoised']['median_score']:.1f}); with pixel noise of std {c['noise_std']:g} ({c['noise_std'] * 127.5:.1f} "
             f"grey levels) {c['pixel_noise']['normal_fraction']:.0%} (median {c['pixel_noise']['median_score']:.1f}). "
             + ("The judge rejects the denoiser's own texture even on normal parts, and the morph's changed region is "
-               "made of that texture: that caps how often the judge can agree, and a better denoiser is what lifts it"
+               "made of that texture: that is what keeps the judge from agreeing more often, and a better denoiser is "
+               "what lifts it"
                if c["denoised"]["normal_fraction"] < 0.5 else
                "The judge accepts the denoiser's texture on normal parts, so what it flags after a morph is the defect"))
 
