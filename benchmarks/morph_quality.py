@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -28,12 +29,21 @@ def psnr(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> float:
 MORPH_VARIANTS = {"morph": MorphConfig(), "morph_paper": MorphConfig(focus=0.0, gradient_smoothing=0.0)}
 
 
-def patchcore_judge(detector, root) -> tuple[PatchCore, float]:
+class Judge(NamedTuple):
     """An independent judge of the morph's result (the morph descends a PaDiM energy, not this): PatchCore on the
     checkpoint's training images, its verdict threshold set as diffad's is, on the checkpoint's held-out images."""
+
+    patchcore: PatchCore
+    threshold: float
+    holdout: torch.Tensor
+    holdout_scores: np.ndarray
+
+
+def patchcore_judge(detector, root) -> Judge:
     train_images, holdout = checkpoint_split(detector, root)
-    judge = PatchCore(detector.backbone).fit(train_images)
-    return judge, float(np.quantile(judge.predict(holdout)[0], IMAGE_THRESHOLD_QUANTILE))
+    patchcore = PatchCore(detector.backbone).fit(train_images)
+    scores = patchcore.predict(holdout)[0]
+    return Judge(patchcore, float(np.quantile(scores, IMAGE_THRESHOLD_QUANTILE)), holdout, scores)
 
 
 # Pixel noise that a camera could leave (1.3 grey levels): how sensitive the judge is to texture alone.
@@ -41,24 +51,22 @@ JUDGE_NOISE_STD = 0.01
 
 
 @torch.no_grad()
-def judge_ceiling(detector, root, judge: tuple[PatchCore, float], seed: int = 0) -> dict:
+def judge_ceiling(detector, judge: Judge, config: MorphConfig, seed: int = 0) -> dict:
     """What the judge makes of the checkpoint's held-out normal images as they are, after one pass of the denoiser
     at the morph's timestep (what each morph loop writes where it updates the image), and with faint pixel noise.
     The denoiser pass covers the whole image where a morph changes only part of it: it shows how much of the judge's
     verdict is texture, not a bound on the morph's figure."""
-    patchcore, threshold = judge
-    _, holdout = checkpoint_split(detector, root)
-    config = MorphConfig()
+    holdout = judge.holdout
     t = matching_timestep(detector, config.step_size, config.denoise_every)
     generator = torch.Generator().manual_seed(seed)
     noised = detector.diffusion.q_sample(holdout, t, torch.randn(holdout.shape, generator=generator))
     denoised = torch.cat([detector.net(batch.to(detector.device), torch.full((len(batch),), t, device=detector.device)).x0
                           .clamp(-1, 1).cpu() for batch in noised.split(8)])
     noisy = (holdout + JUDGE_NOISE_STD * torch.randn(holdout.shape, generator=generator)).clamp(-1, 1)
-    out = {"images": len(holdout), "timestep": t, "threshold": threshold, "noise_std": JUDGE_NOISE_STD}
-    for name, images in (("as_they_are", holdout), ("denoised", denoised), ("pixel_noise", noisy)):
-        scores = patchcore.predict(images)[0]
-        out[name] = {"normal_fraction": float(np.mean(scores <= threshold)), "median_score": float(np.median(scores))}
+    out = {"images": len(holdout), "timestep": t, "threshold": judge.threshold, "noise_std": JUDGE_NOISE_STD}
+    for name, scores in (("as_they_are", judge.holdout_scores), ("denoised", judge.patchcore.predict(denoised)[0]),
+                         ("pixel_noise", judge.patchcore.predict(noisy)[0])):
+        out[name] = {"normal_fraction": float(np.mean(scores <= judge.threshold)), "median_score": float(np.median(scores))}
     return out
 
 
@@ -86,12 +94,12 @@ def grid(pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray]], size: int = 192
 
 
 def morph_quality(detector, scored: ScoredSet, n_images: int, threads: int, config: MorphConfig,
-                  judge: tuple[PatchCore, float], grid_path: Path | None = None) -> dict:
+                  judge: Judge, grid_path: Path | None = None) -> dict:
     """Morph defective test images, spread over the split, until `n_images` of them were flagged by the model.
 
     Images the model already scores as normal need no morph: they are counted, and left out of the summary.
     """
-    patchcore, patchcore_threshold = judge
+    patchcore, patchcore_threshold = judge.patchcore, judge.threshold
     pairs = []
     torch.set_num_threads(threads)
     defective = [i for i, label in enumerate(scored.labels) if label]
@@ -212,4 +220,4 @@ def measure(detector, root, n_images: int, threads: int, grid_folder: Path | Non
     return {**{name: morph_quality(detector, labelled, n_images, threads, config, judge,
                                    grid_folder / f"{detector.category}_{name}_grid.png" if grid_folder else None)
                for name, config in MORPH_VARIANTS.items()},
-            "morph_judge_ceiling": judge_ceiling(detector, root, judge)}
+            "morph_judge_ceiling": judge_ceiling(detector, judge, MORPH_VARIANTS["morph"])}
