@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="bf16: mixed precision for the network (fast on a GPU)")
     train.add_argument("--save-every", type=int, default=TrainConfig.save_every)
     train.add_argument("--time-limit", type=float, metavar="MINUTES",
-                       help="stop after this many minutes of training, saving the checkpoint there (--resume continues)")
+                       help="stop after this many minutes (loading included), saving the checkpoint there (--resume continues)")
     train.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
     train.add_argument("--init-from", metavar="CHECKPOINT",
                        help="start from this checkpoint's network (folder or Hub id): train it longer or fine-tune it")

@@ -55,7 +55,8 @@ class TrainConfig:
     save_every: int = 500
     # A checkpoint (folder or Hub id) whose network weights and layout start this run: continue or fine-tune it.
     init_from: str | None = None
-    # Wall-clock budget in minutes (None: none); training stops at the first step past it and saves there.
+    # Wall-clock budget in minutes from the call's start, loading included (None: none); training stops at the
+    # first step past it and saves there.
     time_limit: float | None = None
     net: dict = field(default_factory=dict)
     scoring: dict = field(default_factory=dict)
@@ -98,6 +99,17 @@ def _apply(x: torch.Tensor, rot: int, flip: bool) -> torch.Tensor:
 
 
 @torch.no_grad()
+def augmented_batch(images: torch.Tensor, idx: torch.Tensor, aug: torch.Tensor, augmentations) -> torch.Tensor:
+    """images[idx[j]] under augmentation aug[j], one batched call per augmentation (on a GPU, per-image calls
+    cost more than the network's step)."""
+    idx, aug = idx.to(images.device), aug.to(images.device)
+    batch = torch.empty((len(idx), *images.shape[1:]), dtype=images.dtype, device=images.device)
+    for a, (rot, flip) in enumerate(augmentations):
+        chosen = aug == a
+        batch[chosen] = _apply(images[idx[chosen]], rot, flip)
+    return batch
+
+
 def augmented_features(backbone, images: torch.Tensor, augmentations, device, batch_size: int = 16) -> torch.Tensor:
     """fp16 backbone features of every image under every augmentation: (A, N, C, g, g), on the CPU."""
     return torch.stack([
@@ -154,6 +166,7 @@ def _init_from(net: DiffADNet, source: DiffADNet, name: str) -> None:
 
 def train(config: TrainConfig, progress: bool = True) -> Path:
     """Train, calibrate and write a checkpoint to `config.out`; resumes from `out/train_state.pt` if present."""
+    deadline = None if config.time_limit is None else time.time() + 60 * config.time_limit
     torch.manual_seed(config.seed)
     out = Path(config.out)
     category = validate_category(config.category or out.name)
@@ -216,14 +229,13 @@ def train(config: TrainConfig, progress: bool = True) -> Path:
     # Batches are gathered where the network runs: on a GPU, per-step host-to-device copies of images and
     # features would cost more than the step itself.
     train_images, cached = train_images.to(device), cached.to(device)
-    deadline = None if config.time_limit is None else time.time() + 60 * config.time_limit
     bar = tqdm(total=config.steps, initial=step, disable=not progress, desc=f"train {category}", unit="step")
     net.train()
     start = time.time() - elapsed
     while step < config.steps:
         idx = torch.randint(0, len(train_images), (config.batch_size,), generator=generator)
         aug = torch.randint(0, len(augmentations), (config.batch_size,), generator=generator)
-        x0 = torch.stack([_apply(train_images[i], *augmentations[a]) for i, a in zip(idx.tolist(), aug.tolist())])
+        x0 = augmented_batch(train_images, idx, aug, augmentations)
         target = (cached[aug, idx].float() - mean) / std
         t = torch.randint(1, config.t_max + 1, (config.batch_size,), generator=generator).to(device)
         noise = torch.randn(x0.shape, generator=noise_generator, device=device)

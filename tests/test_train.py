@@ -6,7 +6,7 @@ import pytest
 
 from diffad import DataError, load_checkpoint
 from diffad.metrics import localisation_quality
-from diffad.train import TrainConfig, split_holdout, train
+from diffad.train import TrainConfig, _apply, _augmentations, augmented_batch, split_holdout, train
 from tests.conftest import TINY_NET
 
 
@@ -46,6 +46,19 @@ def test_a_time_limit_stops_training_with_a_checkpoint_that_resumes(tiny_dataset
     assert load_checkpoint(out).training["steps_done"] == 1 and (out / "train_state.pt").exists()
     train(TrainConfig(**{**config.__dict__, "time_limit": None, "steps": 3}), progress=False)
     assert [int(r["step"]) for r in read_log(out)][-1] == 3 and load_checkpoint(out).training["steps_done"] == 3
+
+
+def test_a_batch_is_augmented_per_image_in_one_call_per_augmentation():
+    import torch
+
+    images = torch.randn(10, 3, 6, 6)
+    augmentations = _augmentations("dihedral")
+    generator = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 10, (32,), generator=generator)
+    aug = torch.randint(0, len(augmentations), (32,), generator=generator)
+    one_by_one = torch.stack([_apply(images[i], *augmentations[a]) for i, a in zip(idx.tolist(), aug.tolist())])
+    assert torch.equal(augmented_batch(images, idx, aug, augmentations), one_by_one)
+    assert len(set(aug.tolist())) > 4  # most of the eight augmentations occur in the batch
 
 
 def test_init_from_starts_with_the_checkpoints_network(tiny_checkpoint, tiny_dataset, tmp_path):
