@@ -47,9 +47,11 @@ def normal_sample(detector: AnomalyDetector, mean_image, t_start: int, seed: int
         sample = torch.where(constant, mean_image, sample)
     # The scoring seed stays the default one, so that the stop matches the score the app shows for the picture.
     frames = list(morph(detector, sample, MorphConfig(max_loops=polish_loops)))
+    picture = frames[-1].rgb()
+    # The score of the 8-bit picture as saved, which is what `predict` and the app give for the file.
     info = {"source": f"diffusion sample, seed {seed}", "sample_score": round(frames[0].score, 2),
-            "polish_loops": frames[-1].loop, "score": round(frames[-1].score, 2)}
-    return frames[-1].rgb(), info
+            "polish_loops": frames[-1].loop, "score": round(detector.predict(Image.fromarray(picture)).score, 2)}
+    return picture, info
 
 
 def make_examples(detector: AnomalyDetector, data, out, n_normal: int = 2, defects=DEFAULT_DEFECTS, seed: int = 0,

@@ -77,7 +77,12 @@ def test_examples_are_deterministic_documented_and_masked(tiny_checkpoint, tiny_
         picture = tmp_path / "a" / e["file"]
         assert hashlib.sha256(picture.read_bytes()).hexdigest() == e["sha256"]
         assert e["polish_loops"] in (0, 1, 2, 3) and "diffusion sample" in e["source"]  # never past --polish-loops
+    from diffad import load_checkpoint
+
+    detector = load_checkpoint(tiny_checkpoint)
     for e in (entries["normal_0.png"], entries["normal_1.png"]):
+        # the score of the saved 8-bit file, as the app shows it, not of the float picture before saving
+        assert abs(detector.predict(tmp_path / "a" / e["file"]).score - e["score"]) <= 0.005
         assert e["polish_loops"] == 3 or e["score"] < json.loads((tiny_checkpoint / "config.json").read_text())["calibration"]["image_threshold"]
     mask = np.asarray(Image.open(tmp_path / "a" / entries["hole.png"]["mask"])) > 127
     assert 0 < mask.mean() < 0.5
