@@ -145,6 +145,8 @@ def measure(detector, checkpoint: Path, root: Path, ablation: str = "full") -> d
         "feature_pool": list(detector.calibration.feature_pool),
         "pixel_smoothing": detector.scoring.pixel_smoothing,
         "ablation": {name: evaluate_maps(s.labels, s.scores, s.masks, s.maps) for name, s in variants.items()},
+        # Always present, so that a core re-run replaces an earlier full run's pooled rows (another checkpoint's).
+        "pooled": {},
     }
     train_images, holdout = checkpoint_split(detector, root)
     test = torch.stack([detector.preprocess(p) for p in default.paths])
