@@ -98,7 +98,6 @@ def _apply(x: torch.Tensor, rot: int, flip: bool) -> torch.Tensor:
     return torch.flip(x, dims=(-1,)) if flip else x
 
 
-@torch.no_grad()
 def augmented_batch(images: torch.Tensor, idx: torch.Tensor, aug: torch.Tensor, augmentations) -> torch.Tensor:
     """images[idx[j]] under augmentation aug[j], one batched call per augmentation (on a GPU, per-image calls
     cost more than the network's step)."""
@@ -110,6 +109,7 @@ def augmented_batch(images: torch.Tensor, idx: torch.Tensor, aug: torch.Tensor, 
     return batch
 
 
+@torch.no_grad()
 def augmented_features(backbone, images: torch.Tensor, augmentations, device, batch_size: int = 16) -> torch.Tensor:
     """fp16 backbone features of every image under every augmentation: (A, N, C, g, g), on the CPU."""
     return torch.stack([
