@@ -55,3 +55,11 @@ def test_shipped_checkpoints_are_small_and_safetensors_only():
         files = {p.name for p in folder.iterdir()}
         assert {"config.json", "model.safetensors"} <= files and not any(n.endswith((".pt", ".pth", ".pkl", ".bin")) for n in files)
         assert sum(p.stat().st_size for p in folder.iterdir()) < 30 * 2**20
+
+
+def test_shipped_checkpoints_name_their_dataset_for_the_hub_card():
+    from diffad.hub import dataset_id
+
+    for category, dataset in (("bottle", "mvtec_ad"), ("magnetic_tile", "magnetic_tile")):
+        config = json.loads((CHECKPOINTS / category / "config.json").read_text())
+        assert dataset_id(config, None) == dataset
