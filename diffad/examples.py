@@ -73,17 +73,23 @@ def make_examples(detector: AnomalyDetector, data, out, n_normal: int = 2, defec
         entries.append(entry)
 
     bases = [normal_sample(detector, mean_image, t_start, seed + i, polish_loops, constant) for i in range(n_normal + len(defects))]
-    # The cleanest samples become the normal examples; the defects go on the others.
+    # The cleanest samples become the normal examples, if the model scores them normal; the defects go on the others.
     bases.sort(key=lambda base: base[1]["score"])
-    for i in range(n_normal):
-        picture, info = bases[i]
+    threshold = detector.calibration.image_threshold
+    normal = [base for base in bases[:n_normal] if base[1]["score"] <= threshold]
+    for i, (picture, info) in enumerate(normal):
         save(f"normal_{i}.png", picture, "normal", **info)
     for j, kind in enumerate(defects):
-        base, info = bases[n_normal + j]
+        base, info = bases[len(normal) + j]
         picture, mask = add_defect(base, kind, seed=seed + j, size=0.8)
         save(f"{kind}.png", picture, kind, mask, source=info["source"] + f", synthetic {kind}",
              polish_loops=info["polish_loops"], base_score=info["score"])
     manifest = {"category": detector.category, "generator": "diffad.examples.make_examples",
                 "constant_background_fraction": round(float(constant.float().mean()), 3), "images": entries}
+    if len(normal) < n_normal:
+        manifest["no_normal_example"] = (
+            f"{len(normal)} of the {len(bases)} diffusion samples scored normal after up to {polish_loops} polishing "
+            f"loops (scores {', '.join(format(info['score'], '.2f') for _, info in bases[:n_normal])} against a threshold of "
+            f"{threshold:.2f}); a sample the model itself flags would be a normal example in name only")
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest

@@ -6,6 +6,7 @@ import sys
 import numpy as np
 
 from diffad.cli import main
+from tests.conftest import copy_of
 
 
 def test_predict_scores_a_folder_and_skips_bad_files(tiny_checkpoint, tiny_dataset, tmp_path, capsys):
@@ -72,7 +73,10 @@ def test_examples_are_deterministic_documented_and_masked(tiny_checkpoint, tiny_
     images, _, _ = load_images(list_images(train_folder(tiny_dataset)), 32)
     assert runs[0]["constant_background_fraction"] == round(float(constant_pixels(images).float().mean()), 3)
     entries = {e["file"]: e for e in runs[0]["images"]}
-    assert set(entries) == {"normal_0.png", "normal_1.png", "hole.png", "scratch.png"}
+    normals = [e for e in entries.values() if e["kind"] == "normal"]
+    assert set(entries) == {f"normal_{i}.png" for i in range(len(normals))} | {"hole.png", "scratch.png"}
+    # Fewer than the two normal examples asked for only when the samples did not score normal, and the manifest says so.
+    assert (len(normals) < 2) == ("no_normal_example" in runs[0])
     for e in entries.values():
         picture = tmp_path / "a" / e["file"]
         assert hashlib.sha256(picture.read_bytes()).hexdigest() == e["sha256"]
@@ -80,12 +84,25 @@ def test_examples_are_deterministic_documented_and_masked(tiny_checkpoint, tiny_
     from diffad import load_checkpoint
 
     detector = load_checkpoint(tiny_checkpoint)
-    for e in (entries["normal_0.png"], entries["normal_1.png"]):
+    for e in normals:
         # the score of the saved 8-bit file, as the app shows it, not of the float picture before saving
         assert abs(detector.predict(tmp_path / "a" / e["file"]).score - e["score"]) <= 0.005
-        assert e["polish_loops"] == 3 or e["score"] < json.loads((tiny_checkpoint / "config.json").read_text())["calibration"]["image_threshold"]
+        assert e["score"] <= detector.calibration.image_threshold
     mask = np.asarray(Image.open(tmp_path / "a" / entries["hole.png"]["mask"])) > 127
     assert 0 < mask.mean() < 0.5
+
+
+def test_examples_call_no_sample_normal_that_the_model_flags(tiny_checkpoint, tiny_dataset, tmp_path):
+    folder = copy_of(tiny_checkpoint, tmp_path / "strict")
+    config = json.loads((folder / "config.json").read_text())
+    config["calibration"]["image_threshold"] = -1e9  # every sample is flagged
+    (folder / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "examples"
+    assert main(["examples", "--checkpoint", str(folder), "--data", str(tiny_dataset), "--out", str(out),
+                 "--defects", "hole", "scratch", "--polish-loops", "0"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [e["kind"] for e in manifest["images"]] == ["hole", "scratch"] and not list(out.glob("normal_*.png"))
+    assert "0 of the 4 diffusion samples scored normal" in manifest["no_normal_example"]
 
 
 def test_constant_background_is_found_and_kept_in_samples(tiny_checkpoint):
