@@ -326,6 +326,12 @@ def _split(detector: AnomalyDetector, data):
     return images, paths, train_idx, hold_idx
 
 
+def holdout_paths(detector: AnomalyDetector, data) -> list:
+    """The files of the checkpoint's held-out calibration photos in `data`."""
+    _, paths, _, hold_idx = _split(detector, data)
+    return [paths[i] for i in hold_idx]
+
+
 def holdout_windows(detector: AnomalyDetector, data, split=None) -> tuple[torch.Tensor, list | None]:
     """The held-out calibration images as the detector's scoring sees them, and each photo's layout (None when
     squashed). `split`: `_split`'s result when the caller already loaded it."""
