@@ -132,6 +132,10 @@ are summed over timesteps into the anomaly map; its top values give the image sc
 normal images to give a calibrated verdict. **RGB error** (a map choice) is the plain colour difference between the
 photo and the model's clean estimate; it is shown for comparison and not used in the score.
 
+**Photos keep their shape.** A category whose model was trained on photos at their own aspect (magnetic_tile) scores
+a long photo in overlapping squares along it and averages their maps where they overlap; the others resize the
+photo to a square. Either way the map is shown over the photo at its own aspect.
+
 **Does it look like the category at all?** The photo's overall EfficientNet features are compared with those of
 normal images of the category; a photo far outside them (another product, noise) gets a warning next to the verdict.
 

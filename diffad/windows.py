@@ -4,8 +4,9 @@ The model sees R x R squares. Squashing a 103 x 300 tile photo into one stretche
 photo is resized to a short side of R and covered by evenly spaced R x R windows that overlap by at least `overlap`.
 Each window is scored as any square photo is; maps are averaged where windows overlap, pictures (x_t, x̂0) are taken
 from the window whose centre is nearest, so they stay one coherent picture. A square photo is one window: exactly the
-squashed path. A model trained on squashed photos (every shipped one) scores worse this way: on magnetic_tile it reads
-the unsquashed texture of elongated good tiles as anomalous (docs/findings.md, "Non-square photos").
+squashed path. A model must be trained on the windows it scores (`diffad train --scoring '{"aspect": "windows"}'`): one
+trained on squashed photos reads the unsquashed texture of elongated good tiles as anomalous (docs/findings.md,
+"Non-square photos").
 """
 from __future__ import annotations
 

@@ -15,6 +15,8 @@ CHECKPOINTS = ROOT / "checkpoints"
 TINY_NET = {"patch": 2, "block_out_channels": [16, 32], "norm_num_groups": 8, "head_channels": 16}
 
 needs_bottle = pytest.mark.skipif(not BOTTLE.is_dir(), reason=f"MVTec AD bottle data not found at {BOTTLE}")
+needs_magnetic_tile = pytest.mark.skipif(not MAGNETIC_TILE.is_dir(),
+                                         reason=f"Magnetic Tile data not found at {MAGNETIC_TILE}")
 
 
 def make_dataset(root: Path, n_train: int = 10, n_test_good: int = 2, size: int = 64) -> Path:

@@ -6,7 +6,7 @@ import pytest
 
 from diffad.data import load_mask, read_image
 from diffad.metrics import auroc
-from tests.conftest import BOTTLE, CHECKPOINTS, ROOT, needs_bottle
+from tests.conftest import BOTTLE, CHECKPOINTS, MAGNETIC_TILE, ROOT, needs_bottle, needs_magnetic_tile
 
 EXAMPLES = ROOT / "examples"
 
@@ -26,6 +26,33 @@ def test_bottle_ranks_defects_above_good_images_and_maps_overlap_masks(bottle_de
     assert min(bad_scores) > max(good_scores)
     assert auroc(np.stack(masks), np.stack(maps)) > 0.9
     assert sum(p.is_anomalous for p in map(bottle_detector.predict, defective[:2])) == 2
+
+
+def most_elongated(folder, n: int) -> list:
+    return sorted(sorted(folder.iterdir()), key=lambda p: -max(read_image(p).size) / min(read_image(p).size))[:n]
+
+
+@needs_magnetic_tile
+def test_magnetic_tile_scores_elongated_photos_at_their_own_aspect():
+    """The shipped tile model was trained on windows at each photo's aspect and scores photos so: on the most
+    elongated real test tiles, cracks rank above good tiles and the map, at the photo's aspect, finds the crack."""
+    from diffad import load_checkpoint
+    from diffad.windows import layout_for
+
+    detector = load_checkpoint(CHECKPOINTS / "magnetic_tile")
+    assert detector.scoring.aspect == "windows"
+    good, cracks = most_elongated(MAGNETIC_TILE / "test" / "good", 3), most_elongated(MAGNETIC_TILE / "test" / "Crack", 3)
+    predictions = {}
+    for path in good + cracks:
+        layout = layout_for(*read_image(path).size, detector.resolution)
+        predictions[path] = detector.predict(path)
+        assert layout.count >= 4 and predictions[path].anomaly_map.shape == (layout.height, layout.width)
+    assert max(predictions[p].score for p in good) < min(predictions[p].score for p in cracks)
+    assert not any(predictions[p].is_anomalous for p in good)
+    for path in cracks:
+        mask = np.asarray(read_image(MAGNETIC_TILE / "ground_truth" / "Crack" / f"{path.stem}_mask.png").convert("L")
+                          .resize(predictions[path].anomaly_map.shape[::-1])) > 127
+        assert auroc(mask[None], predictions[path].anomaly_map[None]) > 0.9, path.name
 
 
 @pytest.mark.parametrize("category", ["bottle", "magnetic_tile"])
