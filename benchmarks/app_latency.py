@@ -4,9 +4,11 @@ medians of analysis, timestep scrub, threshold and morph. Targets (issue 20): co
 <= 2 s on 2 threads.
 
     python benchmarks/app_latency.py [--category bottle] [--repeats 5]
+    python benchmarks/app_latency.py --category magnetic_tile --photos TILE.jpg ...  # real photos, e.g. elongated ones
 
 Starts `python app.py` on a free port (torch limited to --threads through CPU_CORES, as on a Space), offline on the
-local checkpoints, and adds an "app" section to benchmarks/results.json / results.md.
+local checkpoints, and adds an "app" section to benchmarks/results.json / results.md ("app_photos" with --photos: a
+category that scores photos in windows at their own aspect costs more per photo the longer it is).
 """
 from __future__ import annotations
 
@@ -26,6 +28,8 @@ def main(argv=None):
     parser.add_argument("--category", default="bottle")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--photos", nargs="+", metavar="FILE", help="photos to analyse and morph instead of the "
+                        "category's examples")
     args = parser.parse_args(argv)
     from gradio_client import Client, handle_file
 
@@ -35,7 +39,7 @@ def main(argv=None):
 
     defaults = MorphConfig()
     manifest = json.loads((ROOT / "examples" / args.category / "manifest.json").read_text())
-    images = [str(ROOT / "examples" / args.category / e["file"]) for e in manifest["images"]]
+    images = args.photos or [str(ROOT / "examples" / args.category / e["file"]) for e in manifest["images"]]
     start = time.perf_counter()
     env = {"OMP_NUM_THREADS": str(args.threads), "CPU_CORES": str(args.threads), "HF_HUB_OFFLINE": "1",
            "DIFFAD_HUB_REPO": ""}
@@ -73,14 +77,19 @@ def main(argv=None):
         "threshold_round_trip_s": round(statistics.median(threshold), 3),
         "morph_round_trip_s": round(statistics.median(morph), 2), "morph_max_loops": defaults.max_loops,
     }
+    if args.photos:
+        from PIL import Image
+
+        result["photos"] = [f"{Path(p).name} ({'x'.join(map(str, Image.open(p).size))})" for p in args.photos]
     print(result)
     from benchmarks.run import save_section
 
-    save_section("app", result)
+    save_section("app_photos" if args.photos else "app", result)
 
 
 def render(a: dict) -> list[str]:
-    return [f"## Web app ({a['threads']} CPU threads, `benchmarks/app_latency.py`, medians through gradio_client)", "",
+    on = f" on real {a['category']} photos" if a.get("photos") else ""
+    return [f"## Web app{on} ({a['threads']} CPU threads, `benchmarks/app_latency.py`, medians through gradio_client)", "",
             f"- cold start to first served page: {a['cold_start_to_first_page_s']:.1f} s",
             # Measured since the default category is warmed before serving (older results lack it).
             *([f"- first analysis after the start: {a['first_analysis_round_trip_s']:.2f} s"]
@@ -93,7 +102,8 @@ def render(a: dict) -> list[str]:
                f"- timestep slider round trip: {a['timestep_slider_round_trip_s'] * 1000:.0f} ms for a timestep already "
                f"there, {a['timestep_first_visit_round_trip_s'] * 1000:.0f} ms for one computed on its first visit; "
                f"threshold: {a['threshold_round_trip_s'] * 1000:.0f} ms"]),
-            f"- morph round trip (default settings, up to {a['morph_max_loops']} loops): {a['morph_round_trip_s']:.1f} s", ""]
+            f"- morph round trip (default settings, up to {a['morph_max_loops']} loops): {a['morph_round_trip_s']:.1f} s",
+            *([f"- photos: {', '.join(a['photos'])}"] if a.get("photos") else []), ""]
 
 
 if __name__ == "__main__":

@@ -6,17 +6,28 @@ from pathlib import Path
 import torch
 
 from diffad.data import list_images
+from diffad.windows import cut
 
 DENOISER_TIMESTEPS = (5, 20, 100, 200, 400)
 
 
+def as_scored(detector, path) -> torch.Tensor:
+    """(windows, 3, R, R): a photo as the model scores it (one square, or its windows at the photo's aspect)."""
+    return cut(*detector.model_input(path))
+
+
 @torch.no_grad()
-def measure(detector, root: Path, train_images: torch.Tensor, n_images: int = 8, seed: int = 0) -> dict:
-    """Noise-prediction error by timestep on good test images: how well the model knows what normal looks like."""
+def measure(detector, root: Path, train_paths: list, n_images: int = 8, seed: int = 0) -> dict:
+    """Noise-prediction error by timestep on good test images, as the model scores them: how well it knows what
+    normal looks like."""
     paths = list_images(root / "test" / "good")[:n_images]
-    x0 = torch.stack([detector.preprocess(p) for p in paths]).to(detector.device)
-    # Reference: the noise estimate a model would make if it answered every x_t with the mean training image.
-    mean_image = train_images.mean(dim=0, keepdim=True).expand_as(x0).to(detector.device)
+    x0 = torch.cat([as_scored(detector, p) for p in paths]).to(detector.device)
+    # Reference: the noise estimate a model would make if it answered every x_t with the mean training image (window).
+    total, count = torch.zeros_like(x0[0]), 0
+    for path in train_paths:
+        inputs = as_scored(detector, path).to(detector.device)
+        total, count = total + inputs.sum(dim=0), count + len(inputs)
+    mean_image = (total / count).expand_as(x0)
     generator = torch.Generator().manual_seed(seed)
     rows = {}
     for t in DENOISER_TIMESTEPS:
@@ -36,11 +47,12 @@ def measure(detector, root: Path, train_images: torch.Tensor, n_images: int = 8,
                    "mean_image_eps_mse": float((eps_from_mean - noise).pow(2).mean()),
                    "variance_range": variance_range,
                    "log_variance_spatial_std": float(log_variance.flatten(1).std(dim=1).mean())}
-    return {"images": len(paths), "rows": rows}
+    return {"images": len(paths), "windows": len(x0), "rows": rows}
 
 
 def render(d: dict) -> list[str]:
-    out = ["", f"### Denoiser ({d['images']} good test images; noise std and x̂0 RMSE in pixel units of [-1, 1])", "",
+    windows = f", {d['windows']} windows at their own aspect" if d.get("windows", d["images"]) != d["images"] else ""
+    out = ["", f"### Denoiser ({d['images']} good test images{windows}; noise std and x̂0 RMSE in pixel units of [-1, 1])", "",
            "| t | noise std | ε-MSE | x̂0 RMSE | ε-MSE if x̂0 were the mean training image | β_t / β̃_t (most the learned "
            "variance can re-weight the KL) | learned log-variance, std across the image |", "|---|---|---|---|---|---|---|"]
     return out + [f"| {t} | {row['noise_std']:.3f} | {row['eps_mse']:.3f} | {row['x0_rmse']:.3f} | {row['mean_image_eps_mse']:.3f} "

@@ -25,7 +25,7 @@ from benchmarks import app_latency, browser_path, denoiser, kl_panel, load_test,
 from benchmarks.common import DATA  # noqa: E402
 from diffad import load_checkpoint  # noqa: E402
 from diffad.data import list_test_samples  # noqa: E402
-from diffad.train import checkpoint_split  # noqa: E402
+from diffad.train import split_paths  # noqa: E402
 
 SECTIONS = ("quality", "denoiser", "kl_panel", "speed", "morph")
 
@@ -35,7 +35,7 @@ def measure(section: str, detector, checkpoint: Path, root: Path, args) -> dict:
     if section == "quality":
         return quality.measure(detector, checkpoint, root, args.ablation)
     if section == "denoiser":
-        return {"denoiser": denoiser.measure(detector, root, checkpoint_split(detector, root)[0])}
+        return {"denoiser": denoiser.measure(detector, root, split_paths(detector, root)[0])}
     if section == "kl_panel":
         return kl_panel.measure(detector, root, args.morph_images)
     if section == "speed":
@@ -57,6 +57,8 @@ def markdown(results: dict) -> str:
         out += speed.render(r["latency"]) + morph_quality.render(r) + [""]
     if results.get("app"):
         out += app_latency.render(results["app"])
+    if results.get("app_photos"):
+        out += app_latency.render(results["app_photos"])
     if results.get("browser"):
         out += browser_path.render(results["browser"])
     if results.get("reliability"):

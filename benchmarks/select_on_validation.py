@@ -36,7 +36,7 @@ from diffad.data import list_test_samples  # noqa: E402
 from diffad.evaluate import Variant, score_test_set, scoring_for_map, validation_split  # noqa: E402
 from diffad.metrics import evaluate_maps, localisation_quality  # noqa: E402
 from diffad.postprocess import top_k_mean  # noqa: E402
-from diffad.train import checkpoint_split, holdout_paths  # noqa: E402
+from diffad.train import checkpoint_split, split_paths  # noqa: E402
 
 CANDIDATES = ((1,), (3,), (1, 3, 9))
 
@@ -108,7 +108,7 @@ def select_top_k(detector, root: Path) -> dict:
     uneven patches many. Judged by the recall at the verdict threshold calibration would set for that k (the same
     quantile of the held-out good photos' scores), then by image AUROC: the verdict is what a user reads, and a k that
     ranks images better can still put the good photos' tail above most defects (magnetic_tile, docs/findings.md)."""
-    held_out = [detector.predict(path).anomaly_map for path in holdout_paths(detector, root)]
+    held_out = [detector.predict(path).anomaly_map for path in split_paths(detector, root)[1]]
     thresholds = {str(k): float(np.quantile([top_k_mean(m, k) for m in held_out], IMAGE_THRESHOLD_QUANTILE))
                   for k in TOP_KS}
     variants = {str(k): Variant(replace(detector.scoring, top_k=k), detector.calibration) for k in TOP_KS}

@@ -326,10 +326,10 @@ def _split(detector: AnomalyDetector, data):
     return images, paths, train_idx, hold_idx
 
 
-def holdout_paths(detector: AnomalyDetector, data) -> list:
-    """The files of the checkpoint's held-out calibration photos in `data`."""
-    _, paths, _, hold_idx = _split(detector, data)
-    return [paths[i] for i in hold_idx]
+def split_paths(detector: AnomalyDetector, data) -> tuple[list, list]:
+    """The files of the checkpoint's training photos and of its held-out calibration photos in `data`."""
+    _, paths, train_idx, hold_idx = _split(detector, data)
+    return [paths[i] for i in train_idx], [paths[i] for i in hold_idx]
 
 
 def holdout_windows(detector: AnomalyDetector, data, split=None) -> tuple[torch.Tensor, list | None]:
