@@ -48,26 +48,42 @@ def category_folders(checkpoint) -> list[Path]:
 
 
 def training_command(config: dict) -> str:
-    """The `diffad train` (and, for non-default feature pooling, `diffad calibrate`) commands that made a checkpoint."""
+    """The commands that made a checkpoint as it is: its `diffad train` run (and the network it started from), then
+    `diffad calibrate` with the feature pooling, scoring and smoothing it is calibrated with now."""
+    from dataclasses import asdict
+
+    from .scoring import ScoringConfig
+
     t = config.get("training", {})
     if not t:
         return ""
-    out = f"checkpoints/{config['category']}"
-    args = ["diffad", "train", "--data", t.get("data", "DATA"), "--out", out]
+    out, data = f"checkpoints/{config['category']}", t.get("data", "DATA")
+    args = ["diffad", "train", "--data", data, "--out", out]
     # The steps it ran: a run stopped by --time-limit records a larger target in "steps".
     values = {**t, "steps": t.get("steps_done", t.get("steps"))}
     for flag, key in (("--resolution", "resolution"), ("--steps", "steps"), ("--batch-size", "batch_size"),
-                      ("--lr", "lr"), ("--augment", "augment"), ("--seed", "seed")):
-        if values.get(key) is not None:
+                      ("--lr", "lr"), ("--augment", "augment"), ("--seed", "seed"), ("--device", "device"),
+                      ("--precision", "precision")):
+        if values.get(key) is not None and (key, values[key]) not in (("device", "cpu"), ("precision", "fp32")):
             args += [flag, str(values[key])]
-    if t.get("net"):
-        args += ["--net", json.dumps(t["net"])]
-    command = shlex.join(args)
-    pool = config["scoring"].get("feature_pool", [1])
-    if list(pool) != [1]:
-        command += "\n" + shlex.join(["diffad", "calibrate", "--checkpoint", out, "--data", t.get("data", "DATA"),
-                                      "--feature-pool", ",".join(map(str, pool))])
-    return command
+    for flag, key in (("--net", "net"), ("--scoring", "scoring")):
+        if t.get(key):
+            args += [flag, json.dumps(t[key])]
+    lines = [f"# --init-from {t['init_from']}"] if t.get("init_from") else []
+    lines.append(shlex.join(args))
+    calibration = config.get("calibration", {})
+    defaults = json.loads(json.dumps(asdict(ScoringConfig())))
+    scoring = {k: v for k, v in config.get("scoring", {}).items() if defaults.get(k, v) != v or k not in defaults}
+    pools = [entry["pool"] for entry in calibration.get("features", [])] or [1]
+    calibrate = ["diffad", "calibrate", "--checkpoint", out, "--data", data]
+    if pools != [1]:
+        calibrate += ["--feature-pool", ",".join(map(str, pools))]
+    if scoring:
+        calibrate += ["--scoring", json.dumps(scoring)]
+    if calibration.get("smoothing_sigma") is not None:
+        calibrate += ["--smoothing", str(calibration["smoothing_sigma"])]
+    lines.append(shlex.join(calibrate))
+    return "\n".join(lines)
 
 
 def read_metrics(folder: Path) -> dict | None:
@@ -117,7 +133,10 @@ def category_section(folder: Path, config: dict, metrics: dict | None) -> str:
         f"## `{category}`",
         "",
         f"- Resolution {config['net']['resolution']} px, scoring timesteps {config['scoring']['timesteps']}, "
-        f"feature pooling {config['scoring'].get('feature_pool', [1])}, backbone `{config['backbone']}`.",
+        f"feature pooling {[entry['pool'] for entry in config['calibration'].get('features', [])] or [1]}, "
+        f"backbone `{config['backbone']}`."
+        + (" Photos are scored in overlapping square windows at their own aspect."
+           if config["scoring"].get("aspect") == "windows" else ""),
         f"- Trained {t.get('steps_done', '?')} steps at batch {t.get('batch_size', '?')} on {t.get('device', '?')}"
         + (f" ({t['seconds'] / 60:.0f} min)" if t.get("seconds") else "")
         + (f", {t['train_images']} training images" if t.get("train_images") else "") + ".",

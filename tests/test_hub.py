@@ -9,8 +9,8 @@ from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.errors import EntryNotFoundError
 
 from diffad.cli import main
-from diffad.hub import PAPER_URL, training_command
-from tests.conftest import copy_of
+from diffad.hub import PAPER_URL, category_section, training_command
+from tests.conftest import CHECKPOINTS, copy_of
 
 METRICS = {"overall": {"image_auroc": 0.95, "pixel_auroc": 0.9, "aupro": 0.8, "image_f1_max": 0.7,
                        "pixel_f1_max": 0.4, "images": 8},
@@ -132,15 +132,29 @@ def test_push_a_folder_of_categories_and_without_metrics(tiny_checkpoint, tmp_pa
 
 
 def test_training_command_names_the_recipe():
-    config = {"category": "tile", "scoring": {"feature_pool": [1, 3, 9]},
+    config = {"category": "tile", "scoring": {"timesteps": [20, 200, 400], "top_k": 4096},
+              "calibration": {"features": [{"pool": 1}, {"pool": 3}, {"pool": 9}], "smoothing_sigma": 2.0},
               "training": {"data": "data/tiles", "resolution": 256, "steps": 5980, "batch_size": 32, "lr": 0.0002,
-                           "augment": "flip", "seed": 0, "net": {}}}
+                           "augment": "flip", "seed": 0, "device": "cpu", "precision": "fp32", "net": {}}}
     command = training_command(config)
     assert command.splitlines() == [
         "diffad train --data data/tiles --out checkpoints/tile --resolution 256 --steps 5980 --batch-size 32 "
         "--lr 0.0002 --augment flip --seed 0",
-        "diffad calibrate --checkpoint checkpoints/tile --data data/tiles --feature-pool 1,3,9",
+        "diffad calibrate --checkpoint checkpoints/tile --data data/tiles --feature-pool 1,3,9 --scoring "
+        "'{\"top_k\": 4096}' --smoothing 2.0",
     ]
+
+
+def test_the_shipped_tile_card_says_how_it_was_made_and_scores():
+    """The card of the shipped magnetic_tile: trained on windows at each photo's aspect from another network, on a
+    GPU, calibrated with three pooling sizes; running its commands must give that model, not a squashed one."""
+    config = json.loads((CHECKPOINTS / "magnetic_tile" / "config.json").read_text())
+    init, train, calibrate = training_command(config).splitlines()
+    assert init == f"# --init-from {config['training']['init_from']}"
+    assert "--device cuda --precision bf16" in train and '"aspect": "windows"' in train and "--net" in train
+    assert "--feature-pool 1,3,9" in calibrate and '"top_k": 4096' in calibrate and calibrate.endswith("--smoothing 0.0")
+    section = category_section(CHECKPOINTS / "magnetic_tile", config, None)
+    assert "feature pooling [1, 3, 9]" in section and "windows at their own aspect" in section
 
 
 def test_an_unreachable_hub_is_one_line_and_exit_2(evaluated, monkeypatch, capsys):
