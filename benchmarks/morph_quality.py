@@ -12,7 +12,6 @@ from PIL import Image
 from benchmarks.baselines import PatchCore
 from diffad.data import list_test_samples, load_mask, read_image, to_uint8
 from diffad.evaluate import ScoredSet
-from diffad.calibration import IMAGE_THRESHOLD_QUANTILE
 from diffad.morph import MorphConfig, matching_timestep, morph
 from diffad.train import checkpoint_split
 from diffad.visualize import outline
@@ -43,7 +42,7 @@ def patchcore_judge(detector, root) -> Judge:
     train_images, holdout = checkpoint_split(detector, root)
     patchcore = PatchCore(detector.backbone).fit(train_images)
     scores = patchcore.predict(holdout)[0]
-    return Judge(patchcore, float(np.quantile(scores, IMAGE_THRESHOLD_QUANTILE)), holdout, scores)
+    return Judge(patchcore, float(np.quantile(scores, detector.calibration.threshold_quantile)), holdout, scores)
 
 
 # Pixel noise that a camera could leave (1.3 grey levels): how sensitive the judge is to texture alone.

@@ -1,7 +1,7 @@
 """Choose a category's feature pooling, pixel-map smoothing, pixel-map weight, combined-map smoothing and the image
 score's top-k on a validation split of its labelled test images.
 
-    python benchmarks/select_on_validation.py --choose feature_pool pixel_smoothing alpha smoothing top_k --categories bottle
+    python benchmarks/select_on_validation.py --choose feature_pool pixel_smoothing alpha smoothing top_k threshold_quantile --categories bottle
 
 Run the choices in that order, applying each before the next (each is judged with the ones before it in place).
 
@@ -13,7 +13,7 @@ the good images) is set aside as a validation split; the candidates are compared
 criterion `diffad calibrate` uses for smoothing (top-k, which changes no map, by image AUROC). `benchmarks/run.py` reports every method on the other four
 fifths, which the choices never saw. Writes benchmarks/CHOICE_selection.json; apply a choice with
 `diffad calibrate --checkpoint checkpoints/NAME --data DIR --feature-pool SIZES` or
-`--scoring '{"pixel_smoothing": SIGMA, "alpha": ALPHA, "top_k": K}' --smoothing SIGMA`.
+`--scoring '{"pixel_smoothing": SIGMA, "alpha": ALPHA, "top_k": K}' --smoothing SIGMA --threshold-quantile Q`.
 """
 from __future__ import annotations
 
@@ -117,8 +117,29 @@ def select_top_k(detector, root: Path) -> dict:
     return {**result, "chosen": int(result["chosen"])}
 
 
+# Where the verdict threshold may sit among the held-out normal images' scores, tried by select_threshold_quantile,
+# and the operating point it must reach: flag at least RECALL of the defective parts and at most FALSE_POSITIVES of
+# the good ones (issue 19).
+THRESHOLD_QUANTILES = (0.99, 0.98, 0.97, 0.95, 0.9)
+RECALL, FALSE_POSITIVES = 0.8, 0.1
+
+
+def select_threshold_quantile(detector, root: Path) -> dict:
+    """The highest quantile (the fewest false alarms) whose verdicts reach the operating point on the validation
+    fifth; if none does, the one with the highest recall minus false-positive rate. It changes no map and no score."""
+    thresholds = {str(q): detector.calibration.with_threshold_quantile(q).image_threshold for q in THRESHOLD_QUANTILES}
+    variants = {name: Variant(detector.scoring, detector.calibration) for name in thresholds}
+
+    def criterion(m: dict) -> tuple:
+        reached = m["recall"] >= RECALL and m["false_positive_rate"] <= FALSE_POSITIVES
+        return (reached, m["threshold"] if reached else m["recall"] - m["false_positive_rate"])
+
+    result = on_validation(detector, root, variants, criterion=criterion, thresholds=thresholds)
+    return {**result, "chosen": float(result["chosen"])}
+
+
 SELECTORS = {"feature_pool": select_feature_pool, "pixel_smoothing": select_pixel_smoothing, "alpha": select_alpha,
-             "smoothing": select_smoothing, "top_k": select_top_k}
+             "smoothing": select_smoothing, "top_k": select_top_k, "threshold_quantile": select_threshold_quantile}
 
 
 def main(argv=None):

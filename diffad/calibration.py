@@ -78,6 +78,8 @@ class Calibration:
     smoothing_trials: tuple[SmoothingTrial, ...] = ()
     normal_scores: tuple[float, ...] = ()
     image_threshold: float = math.inf
+    # The image threshold is this quantile of the held-out normal images' scores: the share of normal parts let pass.
+    threshold_quantile: float = IMAGE_THRESHOLD_QUANTILE
     mask_threshold: float = math.inf
     gaussian: FeatureGaussian | None = None  # the morph's model of normal features
 
@@ -107,6 +109,13 @@ class Calibration:
                              f"with: run diffad calibrate --feature-pool {asked} first")
         return replace(self, features={k: self.features[k] for k in pools})
 
+    def with_threshold_quantile(self, quantile: float) -> "Calibration":
+        """The same calibration with its image threshold at this quantile of the normal images' scores."""
+        if not 0.5 <= quantile <= 1:
+            raise ValueError(f"the threshold quantile must be between 0.5 and 1, got {quantile}")
+        return replace(self, threshold_quantile=float(quantile),
+                       image_threshold=float(np.quantile(self.normal_scores, quantile)))
+
     def to(self, device) -> "Calibration":
         stats = {name: getattr(self, name) for name in ("kl", "rgb")}
         return replace(self, **{n: s and s.to(device) for n, s in stats.items()},
@@ -125,6 +134,7 @@ class Calibration:
             "smoothing_trials": [asdict(trial) for trial in self.smoothing_trials],
             "normal_scores": list(self.normal_scores),
             "image_threshold": self.image_threshold,
+            "threshold_quantile": self.threshold_quantile,
             "mask_threshold": self.mask_threshold,
         }
 
@@ -210,14 +220,15 @@ def select_smoothing(detector: "AnomalyDetector", normal_images: torch.Tensor, c
 
 def calibrate(detector: "AnomalyDetector", normal_images: torch.Tensor, *, timesteps=CALIBRATED_TIMESTEPS,
               feature_pool=None, smoothing_sigma: float | None = None, gaussian: FeatureGaussian | None = None,
-              batch_size: int = 8, layouts=None) -> Calibration:
+              batch_size: int = 8, layouts=None, threshold_quantile: float | None = None) -> Calibration:
     """Measure what normal looks like on held-out normal images (N, 3, R, R) with the detector's scoring.
     `layouts` (diffad.windows): the images are the windows of photos scored at their own aspect, in this order;
     the map statistics are the windows', the thresholds those of the photos' stitched maps.
 
     `timesteps` are calibrated besides the scoring's own; `feature_pool` (default: the detector's current
     pooling sizes) are the feature maps made; `smoothing_sigma` None chooses it on synthetic defects;
-    `gaussian` is the morph's feature model to keep (default: the detector's current one).
+    `gaussian` is the morph's feature model to keep (default: the detector's current one); `threshold_quantile`
+    (default: the detector's current one) places the image threshold among the normal images' scores.
     """
     scoring = detector.scoring
     pools = pool_sizes(detector.calibration.feature_pool if feature_pool is None else feature_pool)
@@ -233,9 +244,10 @@ def calibrate(detector: "AnomalyDetector", normal_images: torch.Tensor, *, times
                        layouts or [square_layout(detector.resolution)] * len(normal_images), scoring.top_k)
     scores = [score for _, score in photos]
     pixels = np.concatenate([amap.ravel() for amap, _ in photos])
-    return replace(calibration, normal_scores=tuple(sorted(scores)),
-                   image_threshold=float(np.quantile(scores, IMAGE_THRESHOLD_QUANTILE)),
-                   mask_threshold=float(np.quantile(pixels, MASK_THRESHOLD_QUANTILE)))
+    calibration = replace(calibration, normal_scores=tuple(sorted(scores)),
+                          mask_threshold=float(np.quantile(pixels, MASK_THRESHOLD_QUANTILE)))
+    quantile = detector.calibration.threshold_quantile if threshold_quantile is None else threshold_quantile
+    return calibration.with_threshold_quantile(quantile)
 
 
 def _as_stored(gaussian: FeatureGaussian) -> FeatureGaussian:

@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--smoothing", type=float, metavar="SIGMA",
                            help="Gaussian smoothing of the combined map in pixels at the model resolution (0 = none); "
                            "default: chosen on synthetic defects pasted into held-out normal images")
+    calibrate.add_argument("--threshold-quantile", type=float, metavar="Q",
+                           help="the verdict threshold is this quantile of the held-out normal images' scores (a "
+                           "share of normal parts let pass, e.g. 0.95); default: keep the checkpoint's (0.99 unless "
+                           "changed)")
 
     morph = sub.add_parser("morph", help="morph an image into a normal-looking one (GIF, MP4, before/after PNG)")
     _add_checkpoint_args(morph)
@@ -176,8 +180,9 @@ def cmd_calibrate(args) -> int:
     from .train import recalibrate
 
     detector = recalibrate(args.checkpoint, args.data, feature_pool=args.feature_pool, scoring=args.scoring,
-                           smoothing_sigma=args.smoothing)
-    print(f"{args.checkpoint}: image threshold {detector.calibration.image_threshold:.3f}, "
+                           smoothing_sigma=args.smoothing, threshold_quantile=args.threshold_quantile)
+    print(f"{args.checkpoint}: image threshold {detector.calibration.image_threshold:.3f} "
+          f"(quantile {detector.calibration.threshold_quantile:g} of held-out normal scores), "
           f"mask threshold {detector.calibration.mask_threshold:.3f}, "
           f"feature pool {','.join(map(str, detector.calibration.feature_pool))}, "
           f"smoothing {detector.calibration.smoothing_sigma:g}")

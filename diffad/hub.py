@@ -82,6 +82,8 @@ def training_command(config: dict) -> str:
         calibrate += ["--scoring", json.dumps(scoring)]
     if calibration.get("smoothing_sigma") is not None:
         calibrate += ["--smoothing", str(calibration["smoothing_sigma"])]
+    if calibration.get("threshold_quantile", IMAGE_THRESHOLD_QUANTILE) != IMAGE_THRESHOLD_QUANTILE:
+        calibrate += ["--threshold-quantile", str(calibration["threshold_quantile"])]
     lines.append(shlex.join(calibrate))
     return "\n".join(lines)
 
@@ -140,7 +142,8 @@ def category_section(folder: Path, config: dict, metrics: dict | None) -> str:
         f"- Trained {t.get('steps_done', '?')} steps at batch {t.get('batch_size', '?')} on {t.get('device', '?')}"
         + (f" ({t['seconds'] / 60:.0f} min)" if t.get("seconds") else "")
         + (f", {t['train_images']} training images" if t.get("train_images") else "") + ".",
-        f"- Verdict threshold {config['calibration']['image_threshold']:.3f} (the {IMAGE_THRESHOLD_QUANTILE} quantile "
+        f"- Verdict threshold {config['calibration']['image_threshold']:.3f} (the "
+        f"{config['calibration'].get('threshold_quantile', IMAGE_THRESHOLD_QUANTILE)} quantile "
         "of held-out normal images' scores).",
     ]
     command = training_command(config)

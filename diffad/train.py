@@ -349,18 +349,20 @@ def as_scored(images: torch.Tensor, paths, idx, resolution: int, aspect: str) ->
 
 
 def recalibrate(checkpoint, data, feature_pool=None, scoring: dict | None = None,
-                smoothing_sigma: float | None = None) -> AnomalyDetector:
+                smoothing_sigma: float | None = None, threshold_quantile: float | None = None) -> AnomalyDetector:
     """Re-measure the calibration and refit the morph's feature Gaussian of an existing checkpoint, in place.
 
     Uses the same held-out split as training (same seed and fraction), so calibration never sees training images.
     `feature_pool` (pooling sizes, e.g. "1,3,9") replaces the checkpoint's and `scoring` overrides its scoring
-    settings; `smoothing_sigma` fixes the combined map's smoothing (None: chosen on synthetic defects). A bad value
-    is refused before anything is measured or written.
+    settings; `smoothing_sigma` fixes the combined map's smoothing (None: chosen on synthetic defects);
+    `threshold_quantile` replaces the checkpoint's. A bad value is refused before anything is measured or written.
     """
     detector = load_checkpoint(checkpoint)
     detector.scoring = ScoringConfig.from_dict({**detector.scoring.to_dict(), **(scoring or {})})
     if smoothing_sigma is not None and not 0 <= smoothing_sigma <= 64:
         raise ValueError(f"smoothing must be a sigma between 0 and 64 pixels, got {smoothing_sigma}")
+    if threshold_quantile is not None and not 0.5 <= threshold_quantile <= 1:
+        raise ValueError(f"the threshold quantile must be between 0.5 and 1, got {threshold_quantile}")
     pools = detector.calibration.feature_pool if feature_pool is None else pool_sizes(feature_pool)
     settings = training_config(detector)
     split = _split(detector, data)
@@ -370,6 +372,6 @@ def recalibrate(checkpoint, data, feature_pool=None, scoring: dict | None = None
     gaussian = fit_feature_gaussian(detector.backbone, train_images, features.flatten(0, 1), settings.gaussian_dims, settings.seed)
     windows, layouts = holdout_windows(detector, data, split)
     detector.calibration = calibrate(detector, windows, feature_pool=pools, smoothing_sigma=smoothing_sigma,
-                                     gaussian=gaussian, layouts=layouts)
+                                     gaussian=gaussian, layouts=layouts, threshold_quantile=threshold_quantile)
     save_checkpoint(detector, checkpoint)
     return detector

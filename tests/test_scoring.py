@@ -204,3 +204,26 @@ def test_calibrate_can_change_the_scoring_and_refuses_unknown_settings(tiny_chec
     assert "smoothing must be a sigma between 0 and 64" in capsys.readouterr().err
     assert main(["calibrate", "--checkpoint", str(folder), "--data", str(tiny_dataset), "--smoothing", "3"]) == 0
     assert load_checkpoint(folder).calibration.smoothing_sigma == 3.0  # fixed, not chosen on synthetic defects
+
+
+def test_the_verdict_threshold_quantile_is_the_checkpoints_own_and_kept_on_recalibration(tiny_checkpoint, tiny_dataset,
+                                                                                         tmp_path, capsys):
+    import json
+
+    from diffad.hub import training_command
+
+    folder = copy_of(tiny_checkpoint, tmp_path)
+    before = (folder / "config.json").read_text()
+    assert main(["calibrate", "--checkpoint", str(folder), "--data", str(tiny_dataset), "--threshold-quantile", "1.5"]) == 2
+    assert "threshold quantile must be between 0.5 and 1" in capsys.readouterr().err
+    assert (folder / "config.json").read_text() == before
+    assert main(["calibrate", "--checkpoint", str(folder), "--data", str(tiny_dataset), "--threshold-quantile", "0.75",
+                 "--smoothing", "0"]) == 0
+    calibration = load_checkpoint(folder).calibration
+    assert calibration.threshold_quantile == 0.75
+    assert calibration.image_threshold == pytest.approx(np.quantile(calibration.normal_scores, 0.75))
+    assert calibration.image_threshold < np.quantile(calibration.normal_scores, 0.99)
+    # A later recalibration keeps it, and the Hub card's recipe repeats it.
+    assert main(["calibrate", "--checkpoint", str(folder), "--data", str(tiny_dataset), "--smoothing", "0"]) == 0
+    assert load_checkpoint(folder).calibration.threshold_quantile == 0.75
+    assert "--threshold-quantile 0.75" in training_command(json.loads((folder / "config.json").read_text()))
