@@ -65,6 +65,11 @@ class SmoothingTrial:
     aupro: float
 
 
+def check_threshold_quantile(quantile: float) -> None:
+    if not 0.5 <= quantile <= 1:
+        raise ValueError(f"the threshold quantile must be between 0.5 and 1, got {quantile}")
+
+
 @dataclass(frozen=True)
 class Calibration:
     timesteps: tuple[int, ...] = ()
@@ -111,8 +116,7 @@ class Calibration:
 
     def with_threshold_quantile(self, quantile: float) -> "Calibration":
         """The same calibration with its image threshold at this quantile of the normal images' scores."""
-        if not 0.5 <= quantile <= 1:
-            raise ValueError(f"the threshold quantile must be between 0.5 and 1, got {quantile}")
+        check_threshold_quantile(quantile)
         return replace(self, threshold_quantile=float(quantile),
                        image_threshold=float(np.quantile(self.normal_scores, quantile)))
 

@@ -47,11 +47,14 @@ def category_folders(checkpoint) -> list[Path]:
     return [folder / name for name in categories]
 
 
+def calibrated_pools(config: dict) -> list[int]:
+    """The feature pooling sizes a checkpoint's config is calibrated with."""
+    return [entry["pool"] for entry in config.get("calibration", {}).get("features", [])] or [1]
+
+
 def training_command(config: dict) -> str:
     """The commands that made a checkpoint as it is: its `diffad train` run (and the network it started from), then
     `diffad calibrate` with the feature pooling, scoring and smoothing it is calibrated with now."""
-    from dataclasses import asdict
-
     from .scoring import ScoringConfig
 
     t = config.get("training", {})
@@ -72,9 +75,9 @@ def training_command(config: dict) -> str:
     lines = [f"# --init-from {t['init_from']}"] if t.get("init_from") else []
     lines.append(shlex.join(args))
     calibration = config.get("calibration", {})
-    defaults = json.loads(json.dumps(asdict(ScoringConfig())))
-    scoring = {k: v for k, v in config.get("scoring", {}).items() if defaults.get(k, v) != v or k not in defaults}
-    pools = [entry["pool"] for entry in calibration.get("features", [])] or [1]
+    defaults = ScoringConfig().to_dict()
+    scoring = {k: v for k, v in config.get("scoring", {}).items() if k not in defaults or defaults[k] != v}
+    pools = calibrated_pools(config)
     calibrate = ["diffad", "calibrate", "--checkpoint", out, "--data", data]
     if pools != [1]:
         calibrate += ["--feature-pool", ",".join(map(str, pools))]
@@ -135,7 +138,7 @@ def category_section(folder: Path, config: dict, metrics: dict | None) -> str:
         f"## `{category}`",
         "",
         f"- Resolution {config['net']['resolution']} px, scoring timesteps {config['scoring']['timesteps']}, "
-        f"feature pooling {[entry['pool'] for entry in config['calibration'].get('features', [])] or [1]}, "
+        f"feature pooling {calibrated_pools(config)}, "
         f"backbone `{config['backbone']}`."
         + (" Photos are scored in overlapping square windows at their own aspect."
            if config["scoring"].get("aspect") == "windows" else ""),

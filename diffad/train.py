@@ -13,7 +13,7 @@ import torch
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from .calibration import calibrate
+from .calibration import calibrate, check_threshold_quantile
 from .checkpoint import load_checkpoint, save_checkpoint, validate_category
 from .data import DataError, list_images, load_images, read_image, train_folder
 from .detector import AnomalyDetector, shared_backbone
@@ -361,8 +361,8 @@ def recalibrate(checkpoint, data, feature_pool=None, scoring: dict | None = None
     detector.scoring = ScoringConfig.from_dict({**detector.scoring.to_dict(), **(scoring or {})})
     if smoothing_sigma is not None and not 0 <= smoothing_sigma <= 64:
         raise ValueError(f"smoothing must be a sigma between 0 and 64 pixels, got {smoothing_sigma}")
-    if threshold_quantile is not None and not 0.5 <= threshold_quantile <= 1:
-        raise ValueError(f"the threshold quantile must be between 0.5 and 1, got {threshold_quantile}")
+    if threshold_quantile is not None:
+        check_threshold_quantile(threshold_quantile)
     pools = detector.calibration.feature_pool if feature_pool is None else pool_sizes(feature_pool)
     settings = training_config(detector)
     split = _split(detector, data)
