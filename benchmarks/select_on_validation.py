@@ -41,6 +41,13 @@ from diffad.train import checkpoint_split, split_paths  # noqa: E402
 CANDIDATES = ((1,), (3,), (1, 3, 9))
 
 
+def at_threshold(scored, threshold: float) -> dict:
+    """The verdicts of a ScoredSet at a threshold: recall and false-positive rate."""
+    flagged = scored.scores > threshold
+    return {"threshold": threshold, "recall": float(flagged[scored.labels].mean()),
+            "false_positive_rate": float(flagged[~scored.labels].mean())}
+
+
 def on_validation(detector, root: Path, variants: dict[str, Variant], criterion=localisation_quality,
                   thresholds: dict[str, float] | None = None) -> dict:
     """The candidate variants compared on the validation fifth, and the best by `criterion` (default: localisation
@@ -49,11 +56,14 @@ def on_validation(detector, root: Path, variants: dict[str, Variant], criterion=
     scored = score_test_set(detector, root, variants, subset=v)
     results = {name: evaluate_maps(s.labels, s.scores, s.masks, s.maps) for name, s in scored.items()}
     for name, threshold in (thresholds or {}).items():
-        flagged = scored[name].scores > threshold
-        results[name].update(threshold=threshold, recall=float(flagged[scored[name].labels].mean()),
-                             false_positive_rate=float(flagged[~scored[name].labels].mean()))
-    chosen = max(results, key=lambda name: criterion(results[name]))
-    return {"validation_images": int(v.sum()), "test_images": int(v.size), "candidates": results, "chosen": chosen}
+        results[name].update(at_threshold(scored[name], threshold))
+    return choice(v, results, criterion)
+
+
+def choice(validation, candidates: dict[str, dict], criterion) -> dict:
+    chosen = max(candidates, key=lambda name: criterion(candidates[name]))
+    return {"validation_images": int(validation.sum()), "test_images": int(validation.size), "candidates": candidates,
+            "chosen": chosen}
 
 
 def select_feature_pool(detector, root: Path) -> dict:
@@ -126,15 +136,19 @@ RECALL, FALSE_POSITIVES = 0.8, 0.1
 
 def select_threshold_quantile(detector, root: Path) -> dict:
     """The highest quantile (the fewest false alarms) whose verdicts reach the operating point on the validation
-    fifth; if none does, the one with the highest recall minus false-positive rate. It changes no map and no score."""
-    thresholds = {str(q): detector.calibration.with_threshold_quantile(q).image_threshold for q in THRESHOLD_QUANTILES}
-    variants = {name: Variant(detector.scoring, detector.calibration) for name in thresholds}
+    fifth; if none does, the one with the highest recall minus false-positive rate. It changes no map and no score,
+    so the validation images are scored and evaluated once."""
+    v = validation_split([sample.defect for sample in list_test_samples(root)])
+    scored = score_test_set(detector, root, subset=v)["default"]
+    metrics = evaluate_maps(scored.labels, scored.scores, scored.masks, scored.maps)
+    candidates = {str(q): {**metrics, **at_threshold(scored, detector.calibration.with_threshold_quantile(q).image_threshold)}
+                  for q in THRESHOLD_QUANTILES}
 
     def criterion(m: dict) -> tuple:
         reached = m["recall"] >= RECALL and m["false_positive_rate"] <= FALSE_POSITIVES
         return (reached, m["threshold"] if reached else m["recall"] - m["false_positive_rate"])
 
-    result = on_validation(detector, root, variants, criterion=criterion, thresholds=thresholds)
+    result = choice(v, candidates, criterion)
     return {**result, "chosen": float(result["chosen"])}
 
 
