@@ -11,7 +11,7 @@ from diffad.windows import cut
 DENOISER_TIMESTEPS = (5, 20, 100, 200, 400)
 
 
-def as_scored(detector, path) -> torch.Tensor:
+def scored_windows(detector, path) -> torch.Tensor:
     """(windows, 3, R, R): a photo as the model scores it (one square, or its windows at the photo's aspect)."""
     return cut(*detector.model_input(path))
 
@@ -21,11 +21,11 @@ def measure(detector, root: Path, train_paths: list, n_images: int = 8, seed: in
     """Noise-prediction error by timestep on good test images, as the model scores them: how well it knows what
     normal looks like."""
     paths = list_images(root / "test" / "good")[:n_images]
-    x0 = torch.cat([as_scored(detector, p) for p in paths]).to(detector.device)
+    x0 = torch.cat([scored_windows(detector, p) for p in paths]).to(detector.device)
     # Reference: the noise estimate a model would make if it answered every x_t with the mean training image (window).
     total, count = torch.zeros_like(x0[0]), 0
     for path in train_paths:
-        inputs = as_scored(detector, path).to(detector.device)
+        inputs = scored_windows(detector, path).to(detector.device)
         total, count = total + inputs.sum(dim=0), count + len(inputs)
     mean_image = (total / count).expand_as(x0)
     generator = torch.Generator().manual_seed(seed)

@@ -29,7 +29,13 @@ def test_bottle_ranks_defects_above_good_images_and_maps_overlap_masks(bottle_de
 
 
 def most_elongated(folder, n: int) -> list:
-    return sorted(sorted(folder.iterdir()), key=lambda p: -max(read_image(p).size) / min(read_image(p).size))[:n]
+    from PIL import Image
+
+    def elongation(path) -> float:
+        with Image.open(path) as image:  # the header only
+            return max(image.size) / min(image.size)
+
+    return sorted(sorted(folder.iterdir()), key=elongation, reverse=True)[:n]
 
 
 @needs_magnetic_tile
