@@ -488,15 +488,16 @@ def run_morph(registry: CheckpointRegistry, image_path, category, step_size, den
               focus=MorphConfig.focus, token=0, request: gr.Request = None):
     """`token`: the page's analysis when the morph was asked for; the morph ends once another photo, example or
     category is chosen in that tab, whether or not it had started."""
-    config = MorphConfig(step_size=_finite(step_size, "step size"), denoise_every=int(_finite(denoise_every, "denoise every")),
-                         max_loops=int(min(_finite(loops, "loops"), MAX_MORPH_LOOPS)), seed=int(_finite(seed, "seed")),
-                         focus=_finite(focus, "focus"))
+    chosen = dict(step_size=_finite(step_size, "step size"), denoise_every=int(_finite(denoise_every, "denoise every")),
+                  max_loops=int(min(_finite(loops, "loops"), MAX_MORPH_LOOPS)), seed=int(_finite(seed, "seed")),
+                  focus=_finite(focus, "focus"))
     if not image_path:
         raise gr.Error("Upload a photo or pick an example first.", print_exception=False)
     try:
         detector, _ = _load(registry, category)
     except InputProblem as exc:
         raise gr.Error(str(exc), print_exception=False) from exc
+    config = MorphConfig.for_detector(detector, **chosen)
     session, about = request.session_hash if request is not None else None, subject(image_path, category)
     if REQUESTS.superseded(session, token, about):  # asked for before a new photo, queued since: nothing to show
         yield tuple(gr.skip() for _ in MORPH_CLEARED)

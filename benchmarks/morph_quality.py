@@ -11,7 +11,7 @@ from PIL import Image
 
 from benchmarks.baselines import PatchCore
 from diffad.data import list_test_samples, load_mask, read_image, to_uint8
-from diffad.evaluate import ScoredSet
+from diffad.evaluate import ScoredSet, validation_split
 from diffad.morph import MorphConfig, matching_timestep, morph
 from diffad.train import checkpoint_split
 from diffad.visualize import outline
@@ -24,8 +24,10 @@ def psnr(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
-# The default morph (updates weighted by the anomaly map, gradient smoothed) and the paper's (every pixel, raw gradient).
-MORPH_VARIANTS = {"morph": MorphConfig(), "morph_paper": MorphConfig(focus=0.0, gradient_smoothing=0.0)}
+# The category's morph (updates weighted by the anomaly map, its gradient smoothing) and the paper's (every pixel, raw
+# gradient), for a detector.
+MORPH_VARIANTS = {"morph": MorphConfig.for_detector,
+                  "morph_paper": lambda detector: MorphConfig(focus=0.0, gradient_smoothing=0.0)}
 
 
 class Judge(NamedTuple):
@@ -122,6 +124,7 @@ def morph_quality(detector, scored: ScoredSet, n_images: int, threads: int, conf
         pairs.append((before, after, mask))
         row.update({
             "score_after": frames[-1].score, "normal_after": frames[-1].is_normal, "typical_after": frames[-1].is_typical,
+            "stalled": frames[-1].stalled,
             "patchcore_after": float(judged), "patchcore_normal_after": bool(judged <= patchcore_threshold),
             "energy_ratio": frames[-1].energy / frames[0].energy,
             "psnr_outside_mask_db": psnr(after, before, ~mask), "mean_abs_change_inside_mask": inside_change,
@@ -142,6 +145,7 @@ def morph_quality(detector, scored: ScoredSet, n_images: int, threads: int, conf
         "loops_used": [r["loops"] for r in morphed],
         "normal_after_fraction": float(np.mean([r["normal_after"] for r in morphed])),
         "typical_after_fraction": float(np.mean([r["typical_after"] for r in morphed])),
+        "stalled_fraction": float(np.mean([r["stalled"] for r in morphed])),
         "patchcore_threshold": patchcore_threshold,
         "patchcore_normal_after_fraction": float(np.mean([r["patchcore_normal_after"] for r in morphed])),
         "max_total_s": float(max(r["total_s"] for r in morphed)),
@@ -175,7 +179,9 @@ def judged_lines(m: dict) -> list[str]:
             f"never sees it): **{m['patchcore_normal_after_fraction']:.0%}** end normal",
             f"- diffad's own score at the end: as low as the median normal part's for **{m['typical_after_fraction']:.0%}** "
             f"(the stop rule), below the verdict threshold for {m['normal_after_fraction']:.0%}, {loops}; slowest morph "
-            f"{m['max_total_s']:.1f} s"]
+            f"{m['max_total_s']:.1f} s"
+            + (f"; {m['stalled_fraction']:.0%} stopped because {MorphConfig.patience} loops in a row lowered the score no "
+               "further" if "stalled_fraction" in m else "")]
 
 
 def render(r: dict) -> list[str]:
@@ -188,10 +194,10 @@ def render(r: dict) -> list[str]:
     elif r.get("morph"):
         m = r["morph"]
         out = [f"- morph: first frame {m['median_first_frame_s']:.2f} s, complete {m['median_total_s']:.2f} s", "",
-               f"### Morph ({m['images']} defective test images, default settings (focus = {m['focus']:g}, gradient "
-               f"smoothing {m.get('gradient_smoothing', 0):g} px); "
-               f"{sum(row['loops'] == 0 for row in m.get('rows', []))} of them already scored normal, needed no morph "
-               f"and are left out of these figures)", "",
+               f"### Morph ({m['images']} defective test images outside the validation fifth, the category's settings "
+               f"(focus = {m['focus']:g}, gradient smoothing {m.get('gradient_smoothing', 0):g} px); "
+               f"{sum(row['loops'] == 0 for row in m.get('rows', []))} of them already scored like a typical normal part, "
+               f"needed no morph and are left out of these figures)", "",
                *judged_lines(m),
                f"- PSNR outside the defect mask, morph vs input: **{m['median_psnr_outside_mask_db']:.1f} dB** (median)",
                f"- same for a plain diffusion reconstruction (noise to t = 200, denoise back): {m['median_reconstruction_psnr_outside_mask_db']:.1f} dB",
@@ -208,15 +214,24 @@ def render(r: dict) -> list[str]:
     return out
 
 
-def measure(detector, root, n_images: int, threads: int, grid_folder: Path | None = None) -> dict:
-    """The default and the paper's morph on up to `n_images` defective test images the model flags; with
-    `grid_folder`, a before/after grid of each variant is written there (real test images: never committed)."""
+def labelled_test_set(detector, root, subset: np.ndarray | None = None) -> ScoredSet:
+    """The test split's labels, masks and paths (no scores: the morph scores what it needs); `subset`: a boolean mask
+    of the test samples to keep."""
     samples = list_test_samples(root)
+    if subset is not None:
+        samples = [x for x, keep in zip(samples, subset) if keep]
     masks = [load_mask(x.mask_path, read_image(x.path).size, detector.resolution) for x in samples]
-    labelled = ScoredSet([x.defect for x in samples], np.array([x.is_anomalous for x in samples]), None, None,
-                         np.stack(masks), [x.path for x in samples])
+    return ScoredSet([x.defect for x in samples], np.array([x.is_anomalous for x in samples]), None, None,
+                     np.stack(masks), [x.path for x in samples])
+
+
+def measure(detector, root, n_images: int, threads: int, grid_folder: Path | None = None) -> dict:
+    """The category's and the paper's morph on up to `n_images` defective test images the model flags, outside the
+    validation fifth the category's morph settings were chosen on; with `grid_folder`, a before/after grid of each
+    variant is written there (real test images: never committed)."""
+    labelled = labelled_test_set(detector, root, subset=~validation_split([x.defect for x in list_test_samples(root)]))
     judge = patchcore_judge(detector, root)
-    return {**{name: morph_quality(detector, labelled, n_images, threads, config, judge,
+    return {**{name: morph_quality(detector, labelled, n_images, threads, variant(detector), judge,
                                    grid_folder / f"{detector.category}_{name}_grid.png" if grid_folder else None)
-               for name, config in MORPH_VARIANTS.items()},
-            "morph_judge_ceiling": judge_ceiling(detector, judge, MORPH_VARIANTS["morph"])}
+               for name, variant in MORPH_VARIANTS.items()},
+            "morph_judge_ceiling": judge_ceiling(detector, judge, MORPH_VARIANTS["morph"](detector))}

@@ -1,7 +1,9 @@
-"""Choose a category's feature pooling, pixel-map smoothing, pixel-map weight, combined-map smoothing and the image
-score's top-k on a validation split of its labelled test images.
+"""Choose a category's feature pooling, pixel-map smoothing, pixel-map weight, combined-map smoothing, the image
+score's top-k, the verdict threshold's quantile and the morph's gradient smoothing on a validation split of its
+labelled test images.
 
     python benchmarks/select_on_validation.py --choose feature_pool pixel_smoothing alpha smoothing top_k threshold_quantile --categories bottle
+    python benchmarks/select_on_validation.py --choose morph_smoothing --categories magnetic_tile
 
 Run the choices in that order, applying each before the next (each is judged with the ones before it in place).
 
@@ -13,7 +15,8 @@ the good images) is set aside as a validation split; the candidates are compared
 criterion `diffad calibrate` uses for smoothing (top-k, which changes no map, by image AUROC). `benchmarks/run.py` reports every method on the other four
 fifths, which the choices never saw. Writes benchmarks/CHOICE_selection.json; apply a choice with
 `diffad calibrate --checkpoint checkpoints/NAME --data DIR --feature-pool SIZES` or
-`--scoring '{"pixel_smoothing": SIGMA, "alpha": ALPHA, "top_k": K}' --smoothing SIGMA --threshold-quantile Q`.
+`--scoring '{"pixel_smoothing": SIGMA, "alpha": ALPHA, "top_k": K}' --smoothing SIGMA --threshold-quantile Q
+--morph '{"gradient_smoothing": SIGMA}'`.
 """
 from __future__ import annotations
 
@@ -152,8 +155,42 @@ def select_threshold_quantile(detector, root: Path) -> dict:
     return {**result, "chosen": float(result["chosen"])}
 
 
+# Sigmas (pixels at the model resolution) of the morph's gradient smoothing tried by select_morph_smoothing.
+MORPH_SMOOTHINGS = (0.0, 1.0, 2.0, 4.0)
+
+
+def select_morph_smoothing(detector, root: Path, n_images: int = 12, threads: int = 2) -> dict:
+    """The morph's gradient smoothing: the default morph with each sigma on the same `n_images` validation defects,
+    judged first by how many PatchCore (which the morph never sees) then finds normal, then by PSNR outside the defect
+    mask (normal regions kept). A sigma that blurs the update over far more than a thin crack spreads noise around it
+    that the denoiser does not remove."""
+    from benchmarks.morph_quality import labelled_test_set, morph_quality, patchcore_judge
+    from diffad.morph import MorphConfig
+
+    v = validation_split([sample.defect for sample in list_test_samples(root)])
+    labelled, judge = labelled_test_set(detector, root, subset=v), patchcore_judge(detector, root)
+    candidates = {}
+    for sigma in MORPH_SMOOTHINGS:
+        m = morph_quality(detector, labelled, n_images, threads, MorphConfig.for_detector(detector, gradient_smoothing=sigma), judge)
+        candidates[str(sigma)] = {key: value for key, value in m.items() if key != "rows"}
+        print(f"{detector.category} morph gradient smoothing {sigma:g}: {morph_line(candidates[str(sigma)])}", flush=True)
+    result = choice(v, candidates, lambda m: (m.get("patchcore_normal_after_fraction", 0.0),
+                                              m.get("median_psnr_outside_mask_db", 0.0)))
+    return {**result, "chosen": float(result["chosen"])}
+
+
+def morph_line(m: dict) -> str:
+    if "patchcore_normal_after_fraction" not in m:
+        return f"no validation defect needed a morph ({m['images']} tried)"
+    return (f"PatchCore finds {m['patchcore_normal_after_fraction']:.0%} normal after, typical score reached "
+            f"{m['typical_after_fraction']:.0%}, stalled {m['stalled_fraction']:.0%}, PSNR outside the mask {m['median_psnr_outside_mask_db']:.1f} dB, change "
+            f"inside {m['median_abs_change_inside_mask']:.1f} grey levels, loops {m['loops_used']}, slowest "
+            f"{m['max_total_s']:.1f} s on validation")
+
+
 SELECTORS = {"feature_pool": select_feature_pool, "pixel_smoothing": select_pixel_smoothing, "alpha": select_alpha,
-             "smoothing": select_smoothing, "top_k": select_top_k, "threshold_quantile": select_threshold_quantile}
+             "smoothing": select_smoothing, "top_k": select_top_k, "threshold_quantile": select_threshold_quantile,
+             "morph_smoothing": select_morph_smoothing}
 
 
 def main(argv=None):
@@ -174,6 +211,8 @@ def main(argv=None):
             detector = load_checkpoint(Path(args.checkpoints) / category)
             selection[category] = SELECTORS[choice](detector, DATA[category])
             for name, m in selection[category]["candidates"].items():
+                if "image_auroc" not in m:  # a morph choice, printed as it was measured
+                    continue
                 at_threshold = f", recall {m['recall']:.3f} at threshold {m['threshold']:.2f}" if "recall" in m else ""
                 print(f"{category} {choice} {name}: image AUROC {m['image_auroc']:.3f}, pixel AUROC {m['pixel_auroc']:.3f}, "
                       f"AUPRO {m['aupro']:.3f}{at_threshold} on validation")

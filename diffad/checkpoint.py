@@ -16,6 +16,7 @@ from .calibration import Calibration
 from .detector import AnomalyDetector
 from .diffusion import GaussianDiffusion
 from .models import DiffADNet, NetConfig
+from .morph import check_morph_defaults
 from .scoring import MAP_KINDS, ScoringConfig, pool_sizes
 
 # Version 2: NetConfig.prediction. Version 3: the calibration holds the smoothing, the feature pooling and the
@@ -35,6 +36,7 @@ CONFIG_SCHEMA = {
     "scoring": (dict, True),
     "calibration": (dict, True),
     "training": (dict, False),
+    "morph": (dict, False),
 }
 
 
@@ -136,6 +138,7 @@ def save_checkpoint(detector: AnomalyDetector, folder) -> Path:
         "scoring": detector.scoring.to_dict(),
         "calibration": detector.calibration.to_config(),
         "training": detector.training,
+        **({"morph": detector.morph_defaults} if detector.morph_defaults else {}),
     }
     save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt", "format_version": str(FORMAT_VERSION)})
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
@@ -223,6 +226,7 @@ def load_folder(folder, device: str | torch.device = "cpu") -> AnomalyDetector:
         calibration = Calibration.from_checkpoint(
             config["calibration"], {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, net.config.resolution
         )
+        morph_defaults = check_morph_defaults(config.get("morph", {}), diffusion.num_timesteps)
     except (TypeError, ValueError, KeyError, StopIteration) as exc:
         raise CheckpointError(f"{config_path}: invalid settings ({exc})") from exc
     channels = net.config.feature_channels
@@ -234,7 +238,7 @@ def load_folder(folder, device: str | torch.device = "cpu") -> AnomalyDetector:
         stats[key] = value.float()
     detector = AnomalyDetector(net, category=config["category"], scoring=scoring, calibration=calibration,
                                backbone=config["backbone"], diffusion=diffusion,
-                               training=config.get("training", {}), **stats)
+                               training=config.get("training", {}), morph_defaults=morph_defaults, **stats)
     return detector.to(device)
 
 

@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="the verdict threshold is this quantile of the held-out normal images' scores (a "
                            "share of normal parts let pass, e.g. 0.95); default: keep the checkpoint's (0.99 unless "
                            "changed)")
+    calibrate.add_argument("--morph", type=json.loads, default={},
+                           help='the category\'s morph settings as JSON, kept by later calibrations, e.g. '
+                           '\'{"gradient_smoothing": 0}\' (benchmarks/select_on_validation.py --choose morph_smoothing)')
 
     morph = sub.add_parser("morph", help="morph an image into a normal-looking one (GIF, MP4, before/after PNG)")
     _add_checkpoint_args(morph)
@@ -94,8 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     morph.add_argument("--focus", type=float, default=MorphConfig.focus,
                        help="above 0: change pixels by how anomalous they look (keeps normal detail); 0: every pixel, "
                             "as the paper's morph")
-    morph.add_argument("--gradient-smoothing", type=float, default=MorphConfig.gradient_smoothing, metavar="SIGMA",
-                       help="smooth the energy gradient (pixels) so the picture changes, not its texture; 0: the paper's")
+    morph.add_argument("--gradient-smoothing", type=float, metavar="SIGMA",
+                       help="smooth the energy gradient (pixels) so the picture changes, not its texture; 0: the "
+                       f"paper's; default: the category's (else {MorphConfig.gradient_smoothing:g})")
     morph.add_argument("--stop-at", choices=STOP_RULES, default=MorphConfig.stop_at,
                        help="typical: stop once the part scores like the median normal part; threshold: once the "
                             "verdict is normal; never: run every loop")
@@ -180,12 +184,13 @@ def cmd_calibrate(args) -> int:
     from .train import recalibrate
 
     detector = recalibrate(args.checkpoint, args.data, feature_pool=args.feature_pool, scoring=args.scoring,
-                           smoothing_sigma=args.smoothing, threshold_quantile=args.threshold_quantile)
+                           smoothing_sigma=args.smoothing, threshold_quantile=args.threshold_quantile, morph=args.morph)
     print(f"{args.checkpoint}: image threshold {detector.calibration.image_threshold:.3f} "
           f"(quantile {detector.calibration.threshold_quantile:g} of held-out normal scores), "
           f"mask threshold {detector.calibration.mask_threshold:.3f}, "
           f"feature pool {','.join(map(str, detector.calibration.feature_pool))}, "
-          f"smoothing {detector.calibration.smoothing_sigma:g}")
+          f"smoothing {detector.calibration.smoothing_sigma:g}"
+          + (f", morph {json.dumps(detector.morph_defaults)}" if detector.morph_defaults else ""))
     return 0
 
 
@@ -193,8 +198,10 @@ def cmd_morph(args) -> int:
     from .morph import before_after, export_gif, export_mp4, morph
 
     detector = load_checkpoint(args.checkpoint, args.category, args.revision, device=args.device)
-    config = MorphConfig(step_size=args.step_size, denoise_every=args.denoise_every, max_loops=args.loops, seed=args.seed,
-                         focus=args.focus, gradient_smoothing=args.gradient_smoothing, stop_at=args.stop_at)
+    smoothing = {} if args.gradient_smoothing is None else {"gradient_smoothing": args.gradient_smoothing}
+    config = MorphConfig.for_detector(detector, step_size=args.step_size, denoise_every=args.denoise_every,
+                                      max_loops=args.loops, seed=args.seed, focus=args.focus, stop_at=args.stop_at,
+                                      **smoothing)
     frames = []
     for frame in morph(detector, args.image, config):
         frames.append(frame)

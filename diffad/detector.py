@@ -60,6 +60,7 @@ class AnomalyDetector:
         backbone: str = DEFAULT_BACKBONE,
         diffusion: GaussianDiffusion | None = None,
         training: dict | None = None,
+        morph_defaults: dict | None = None,
     ):
         self.net = net.eval()
         self.category = category
@@ -72,6 +73,8 @@ class AnomalyDetector:
         self.feature_mean = feature_mean if feature_mean is not None else torch.zeros(channels)
         self.feature_std = feature_std if feature_std is not None else torch.ones(channels)
         self.training = training or {}
+        # MorphConfig settings this category's checkpoint fixes (diffad.morph.MorphConfig.for_detector).
+        self.morph_defaults = morph_defaults or {}
 
     @property
     def resolution(self) -> int:

@@ -46,7 +46,7 @@ def normal_sample(detector: AnomalyDetector, mean_image, t_start: int, seed: int
     if constant is not None:
         sample = torch.where(constant, mean_image, sample)
     # The scoring seed stays the default one, so that the stop matches the score the app shows for the picture.
-    frames = list(morph(detector, sample, MorphConfig(max_loops=polish_loops)))
+    frames = list(morph(detector, sample, MorphConfig.for_detector(detector, max_loops=polish_loops)))
     picture = frames[-1].rgb()
     # The score of the 8-bit picture as saved, which is what `predict` and the app give for the file.
     info = {"source": f"diffusion sample, seed {seed}", "sample_score": round(frames[0].score, 2),

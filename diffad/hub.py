@@ -54,7 +54,7 @@ def calibrated_pools(config: dict) -> list[int]:
 
 def training_command(config: dict) -> str:
     """The commands that made a checkpoint as it is: its `diffad train` run (and the network it started from), then
-    `diffad calibrate` with the feature pooling, scoring and smoothing it is calibrated with now."""
+    `diffad calibrate` with the feature pooling, scoring and smoothing it is calibrated with now, and its morph settings."""
     from .scoring import ScoringConfig
 
     t = config.get("training", {})
@@ -87,6 +87,8 @@ def training_command(config: dict) -> str:
         calibrate += ["--smoothing", str(calibration["smoothing_sigma"])]
     if calibration.get("threshold_quantile", IMAGE_THRESHOLD_QUANTILE) != IMAGE_THRESHOLD_QUANTILE:
         calibrate += ["--threshold-quantile", str(calibration["threshold_quantile"])]
+    if config.get("morph"):
+        calibrate += ["--morph", json.dumps(config["morph"])]
     lines.append(shlex.join(calibrate))
     return "\n".join(lines)
 

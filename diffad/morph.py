@@ -15,7 +15,7 @@ paper's morph.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -25,7 +25,7 @@ import torch
 from .data import to_uint8
 from .detector import AnomalyDetector
 from .gaussian import FeatureGaussian
-from .scoring import gaussian_blur
+from .scoring import gaussian_blur, strict_kwargs
 from .windows import Layout, cut, stitch
 
 # The normalised energy gradient is clipped to this many standard deviations.
@@ -44,6 +44,11 @@ class MorphConfig:
     # merely dips under the verdict threshold can still show its defect); "threshold" once the verdict is normal;
     # "never": run all loops.
     stop_at: str = "typical"
+    # Under "typical" or "threshold", also stop once this many loops in a row brought no new lowest score (0: never):
+    # a morph whose noise piles up faster than the denoiser removes it only makes the part look worse from then on
+    # (on a thin crack the model scores under its threshold, 16 loops of the smoothed gradient raised the score from
+    # 6 to 12).
+    patience: int = 3
     seed: int = 0
     # 0 is the paper's morph: every pixel is updated. Above 0, each update is weighted by the current anomaly map over
     # the mask threshold, clipped to [0, 1], to this power: pixels the model finds normal are never touched, so the
@@ -58,6 +63,12 @@ class MorphConfig:
     # the change inside the defect doubled and PatchCore (which the morph never sees) agreed 3 times as often.
     gradient_smoothing: float = 4.0
 
+    @classmethod
+    def for_detector(cls, detector: AnomalyDetector, **overrides) -> "MorphConfig":
+        """The category's morph: the settings its checkpoint fixes (`detector.morph_defaults`, e.g. a gradient
+        smoothing chosen on its validation defects) over the defaults, and `overrides` over both."""
+        return cls(**{**detector.morph_defaults, **overrides})
+
     def validate(self, num_timesteps: int) -> None:
         if not 0 < self.step_size < 1:
             raise ValueError(f"step size s must be in (0, 1), got {self.step_size}")
@@ -69,6 +80,8 @@ class MorphConfig:
             raise ValueError(f"focus must be between 0 and 10, got {self.focus}")
         if not 0 <= self.gradient_smoothing <= 32:
             raise ValueError(f"gradient_smoothing must be a sigma between 0 and 32 pixels, got {self.gradient_smoothing}")
+        if not 0 <= int(self.patience) <= 200:
+            raise ValueError(f"patience must be between 0 and 200 loops, got {self.patience}")
         if not 0 <= int(self.seed) < 2**32:
             raise ValueError(f"seed must be in [0, 2^32), got {self.seed}")
         if self.stop_at not in STOP_RULES:
@@ -87,12 +100,21 @@ class MorphFrame:
     energy: float
     is_normal: bool  # the verdict: score at or under the verdict threshold
     is_typical: bool  # score at or under the median held-out normal image's
+    lowest_score: float  # the lowest score of this frame and every one before it
+    lowest_loop: int  # the loop that reached it
+    stalled: bool = False  # the last frame of a morph stopped by `patience`
 
     def rgb(self) -> np.ndarray:
         return to_uint8(self.image)
 
 
 STOP_RULES = ("typical", "threshold", "never")
+
+
+def check_morph_defaults(values: dict, num_timesteps: int) -> dict:
+    """A checkpoint's morph settings (config.json "morph"), refused with the reason when a key or value is wrong."""
+    MorphConfig(**strict_kwargs(MorphConfig, values, "morph")).validate(num_timesteps)
+    return dict(values)
 
 
 def typical_normal_score(detector: AnomalyDetector) -> float:
@@ -154,8 +176,9 @@ def blend(x: torch.Tensor, updated: torch.Tensor, weight: torch.Tensor | None) -
 
 
 def morph(detector: AnomalyDetector, image, config: MorphConfig | None = None) -> Iterator[MorphFrame]:
-    """Yield frames from the input (step 0) to a normal-looking image; stops once the score meets `config.stop_at`."""
-    config = config or MorphConfig()
+    """Yield frames from the input (step 0) to a normal-looking image; stops once the score meets `config.stop_at`,
+    or, marking the last frame `stalled`, once `config.patience` loops in a row brought no new lowest score."""
+    config = config or MorphConfig.for_detector(detector)
     config.validate(detector.diffusion.num_timesteps)
     gaussian = feature_gaussian(detector)
     t = config.timestep if config.timestep is not None else matching_timestep(detector, config.step_size, config.denoise_every)
@@ -168,10 +191,12 @@ def morph(detector: AnomalyDetector, image, config: MorphConfig | None = None) -
     typical = typical_normal_score(detector)
     target = stop_score(detector, config.stop_at)
 
-    def frame(step: int, loop: int, energy: float) -> MorphFrame:
+    def frame(step: int, loop: int, energy: float, before: MorphFrame | None = None) -> MorphFrame:
         prediction = detector.predict(x.cpu(), seed=config.seed)
+        lower = before is None or prediction.score < before.lowest_score
         return MorphFrame(step, loop, x.detach().cpu().clone(), prediction.anomaly_map, prediction.score, energy,
-                          not prediction.is_anomalous, prediction.score <= typical)
+                          not prediction.is_anomalous, prediction.score <= typical,
+                          prediction.score if lower else before.lowest_score, loop if lower else before.lowest_loop)
 
     with torch.no_grad():
         energy0 = float(energy(detector, gaussian, x, layout))
@@ -190,7 +215,10 @@ def morph(detector: AnomalyDetector, image, config: MorphConfig | None = None) -
             # Denoise: the deterministic (DDIM) step from t to 0 with the model's noise estimate.
             x = blend(x, stitch(detector.net(cut(x, layout), t_batch).x0, layout).clamp(-1, 1), weight)
             loop_energy = float(energy(detector, gaussian, x, layout))
-        current = frame(step, loop, loop_energy)
+        current = frame(step, loop, loop_energy, current)
+        if config.patience and config.stop_at != "never" and loop - current.lowest_loop >= config.patience:
+            yield replace(current, stalled=True)
+            return
         yield current
 
 

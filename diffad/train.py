@@ -20,6 +20,7 @@ from .detector import AnomalyDetector, shared_backbone
 from .diffusion import GaussianDiffusion
 from .gaussian import fit_feature_gaussian
 from .models import DiffADNet, NetConfig, NetOutput
+from .morph import check_morph_defaults
 from .scoring import ScoringConfig, pool_sizes, strict_kwargs
 from .windows import cut, photo_input
 
@@ -349,15 +350,19 @@ def as_scored(images: torch.Tensor, paths, idx, resolution: int, aspect: str) ->
 
 
 def recalibrate(checkpoint, data, feature_pool=None, scoring: dict | None = None,
-                smoothing_sigma: float | None = None, threshold_quantile: float | None = None) -> AnomalyDetector:
+                smoothing_sigma: float | None = None, threshold_quantile: float | None = None,
+                morph: dict | None = None) -> AnomalyDetector:
     """Re-measure the calibration and refit the morph's feature Gaussian of an existing checkpoint, in place.
 
     Uses the same held-out split as training (same seed and fraction), so calibration never sees training images.
     `feature_pool` (pooling sizes, e.g. "1,3,9") replaces the checkpoint's and `scoring` overrides its scoring
     settings; `smoothing_sigma` fixes the combined map's smoothing (None: chosen on synthetic defects);
-    `threshold_quantile` replaces the checkpoint's. A bad value is refused before anything is measured or written.
+    `threshold_quantile` replaces the checkpoint's; `morph` updates the category's morph settings (MorphConfig fields,
+    e.g. {"gradient_smoothing": 0}). A bad value is refused before anything is measured or written.
     """
     detector = load_checkpoint(checkpoint)
+    detector.morph_defaults = check_morph_defaults({**detector.morph_defaults, **(morph or {})},
+                                                   detector.diffusion.num_timesteps)
     detector.scoring = ScoringConfig.from_dict({**detector.scoring.to_dict(), **(scoring or {})})
     if smoothing_sigma is not None and not 0 <= smoothing_sigma <= 64:
         raise ValueError(f"smoothing must be a sigma between 0 and 64 pixels, got {smoothing_sigma}")

@@ -374,8 +374,9 @@ def test_the_morph_says_what_it_reached_and_what_to_try_when_loops_run_out():
 
     from diffad.demo import FOCUS_LABEL, morph_done
 
-    def end(typical, normal):
-        return morph_done("status", SimpleNamespace(loop=16, is_typical=typical, is_normal=normal), 16)
+    def end(typical, normal, stalled=False):
+        return morph_done("status", SimpleNamespace(loop=16, is_typical=typical, is_normal=normal, stalled=stalled,
+                                                    lowest_score=5.25, lowest_loop=13), 16)
 
     assert "scores like a typical normal part" in end(True, True) and "Try" not in end(True, True)
     # The model's score is what was reached; an independent judge still flags the repainted texture (findings).
@@ -383,6 +384,9 @@ def test_the_morph_says_what_it_reached_and_what_to_try_when_loops_run_out():
     assert "under the verdict threshold, but still above a typical normal part" in end(False, True) and "Try more loops" in end(False, True)
     assert "still scores as anomalous" in end(False, False) and "Try more loops" in end(False, False)
     assert f"set “{FOCUS_LABEL}” to 0" in end(False, False)  # the control the page shows, by its label
+    stalled = end(False, False, stalled=True)
+    assert "stopped after 16 loops: since loop 13 none has brought the score below 5.25" in stalled
+    assert "Try a smaller step size" in stalled and "limit" not in stalled
 
 
 def painting_of(photo: np.ndarray, painted: np.ndarray) -> dict:

@@ -56,6 +56,8 @@ def test_local_folder_of_categories(tiny_checkpoint):
         (lambda c: c.pop("net"), "missing key 'net'"),
         (lambda c: c.update(scoring=[1]), "'scoring' must be a dict"),
         (lambda c: c["net"].update(block_out_channels=[8, 16]), "net.* is torch.float16 .*expected"),
+        (lambda c: c.update(morph=[0]), "'morph' must be a dict"),
+        (lambda c: c.update(morph={"gradient_smoothing": -2}), "invalid settings .*gradient_smoothing"),
     ],
 )
 def test_bad_config_is_named(tiny_checkpoint, tmp_path, damage, message):
@@ -245,11 +247,11 @@ def test_checkpoints_without_position_means_still_load_and_tampered_ones_are_ref
         load_checkpoint(folder)
 
 
-@pytest.mark.parametrize("section", ["scoring", "calibration", "net"])
+@pytest.mark.parametrize("section", ["scoring", "calibration", "net", "morph"])
 def test_an_unknown_config_key_is_an_error_naming_it(tiny_checkpoint, tmp_path, section):
     folder = copy_of(tiny_checkpoint, tmp_path)
     config = json.loads((folder / "config.json").read_text())
-    config[section]["patchh"] = 2
+    config.setdefault(section, {})["patchh"] = 2
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="config.json: invalid settings .*unknown .*'patchh'"):
         load_checkpoint(folder)

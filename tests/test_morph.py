@@ -1,5 +1,7 @@
 import copy
+
 import imageio.v2 as imageio
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -104,8 +106,6 @@ def test_bad_parameters_are_rejected(detector, defective, config, message):
 def test_the_morph_stops_at_the_first_frame_that_scores_like_a_typical_normal_part(detector, defective):
     import dataclasses
 
-    import numpy as np
-
     frames = list(morph(detector, defective, MorphConfig(denoise_every=2, max_loops=4, stop_at="never", seed=3)))
     scores = [f.score for f in frames]
     assert scores[-1] < scores[0]
@@ -153,3 +153,53 @@ def test_morph_lowers_energy_and_score_on_the_shipped_checkpoint(bottle_detector
     energies, scores = [f.energy for f in frames], [f.score for f in frames]
     assert energies == sorted(energies, reverse=True) and energies[-1] < 0.5 * energies[0]
     assert scores == sorted(scores, reverse=True) and scores[-1] < scores[0] - 10.0
+
+
+def test_a_morph_that_stops_lowering_the_score_stops_after_patience_loops(detector, tiny_dataset):
+    import dataclasses
+
+    # The paper's morph on this spot overshoots: the score is lowest after loop 1 and never lower again.
+    spot = tiny_dataset / "test" / "colour_spot" / "000.png"
+    paper = dict(denoise_every=2, max_loops=6, seed=3, focus=0.0, gradient_smoothing=0.0)
+    scores = [f.score for f in morph(detector, spot, MorphConfig(stop_at="never", **paper))]
+    best = 1 + int(np.argmin(scores[1:]))
+    assert min(scores[1:]) < scores[0] and best + 3 < len(scores) and all(s > scores[best] for s in scores[best + 1:])
+    never_typical = copy.copy(detector)
+    never_typical.calibration = dataclasses.replace(detector.calibration, normal_scores=[-1.0] * 3)
+    stopped = list(morph(never_typical, spot, MorphConfig(stop_at="typical", patience=3, **paper)))
+    assert [f.score for f in stopped] == scores[: best + 4]
+    assert stopped[-1].stalled and not any(f.stalled for f in stopped[:-1])
+    assert [f.lowest_score for f in stopped] == [min(scores[: i + 1]) for i in range(len(stopped))]
+    assert stopped[-1].lowest_loop == best
+    assert len(list(morph(never_typical, spot, MorphConfig(stop_at="typical", patience=0, **paper)))) == len(scores)
+
+
+def test_a_category_fixes_its_morph_settings_through_calibrate_and_every_morph_follows_them(tiny_checkpoint, tiny_dataset,
+                                                                                             defective, tmp_path, capsys):
+    import json
+
+    from diffad.cli import main
+    from diffad.hub import training_command
+    from tests.conftest import copy_of
+
+    folder = copy_of(tiny_checkpoint, tmp_path)
+    before = (folder / "config.json").read_text()
+    for bad, named in (('{"gradient_smoothing": -1}', "gradient_smoothing"), ('{"smoothing": 0}', "'smoothing'")):
+        assert main(["calibrate", "--checkpoint", str(folder), "--data", str(tiny_dataset), "--morph", bad]) == 2
+        assert named in capsys.readouterr().err
+        assert (folder / "config.json").read_text() == before  # refused before anything was measured
+    assert main(["calibrate", "--checkpoint", str(folder), "--data", str(tiny_dataset), "--smoothing", "0",
+                 "--morph", '{"gradient_smoothing": 0}']) == 0
+    detector = load_checkpoint(folder)
+    assert detector.morph_defaults == {"gradient_smoothing": 0}
+    chosen = MorphConfig.for_detector(detector, max_loops=1, stop_at="never")
+    assert chosen.gradient_smoothing == 0 and chosen.focus == MorphConfig.focus and chosen.max_loops == 1
+    # A morph asked for without settings is the category's, not the library default's.
+    implicit = list(morph(detector, defective))
+    unsmoothed, smoothed = (list(morph(detector, defective, MorphConfig(max_loops=1, **kw)))
+                            for kw in ({"gradient_smoothing": 0}, {}))
+    assert torch.equal(implicit[1].image, unsmoothed[1].image) and not torch.equal(implicit[1].image, smoothed[1].image)
+    # A later calibration keeps them, and the Hub card's recipe repeats them.
+    assert main(["calibrate", "--checkpoint", str(folder), "--data", str(tiny_dataset), "--smoothing", "0"]) == 0
+    assert load_checkpoint(folder).morph_defaults == {"gradient_smoothing": 0}
+    assert """--morph '{"gradient_smoothing": 0}'""" in training_command(json.loads((folder / "config.json").read_text()))
