@@ -24,6 +24,31 @@ def psnr(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
+# A defect's surroundings: the ring this many pixels wide (at the model resolution) around its mask.
+RING_PX = 8
+
+
+def defect_contrast(picture: np.ndarray, mask: np.ndarray) -> float:
+    """How far the defect stands out: |mean grey level inside the mask - mean in the ring around it|."""
+    from scipy.ndimage import binary_dilation
+
+    grey = picture.astype(np.float64).mean(axis=-1)
+    ring = binary_dilation(mask, iterations=RING_PX) & ~mask
+    return abs(float(grey[mask].mean()) - float(grey[ring].mean())) if mask.any() and ring.any() else float("nan")
+
+
+def contrast_removed(before: np.ndarray, after: np.ndarray, mask: np.ndarray) -> float:
+    """The share of the defect's contrast with its surroundings the morph took away (1: gone, 0: unchanged, < 0:
+    stronger): what a person sees, where the judges' scores can fall for texture alone."""
+    start = defect_contrast(before, mask)
+    return 1.0 - defect_contrast(after, mask) / start if start > 0 else float("nan")
+
+
+# A morph removes a defect when PatchCore then finds the part normal and at least this share of the defect's
+# contrast is gone.
+REMOVED_CONTRAST = 0.5
+
+
 # The category's morph (updates weighted by the anomaly map, its gradient smoothing) and the paper's (every pixel, raw
 # gradient), for a detector.
 MORPH_VARIANTS = {"morph": MorphConfig.for_detector,
@@ -128,6 +153,7 @@ def morph_quality(detector, scored: ScoredSet, n_images: int, threads: int, conf
             "patchcore_after": float(judged), "patchcore_normal_after": bool(judged <= patchcore_threshold),
             "energy_ratio": frames[-1].energy / frames[0].energy,
             "psnr_outside_mask_db": psnr(after, before, ~mask), "mean_abs_change_inside_mask": inside_change,
+            "contrast_removed": contrast_removed(before, after, mask),
             "reconstruction_psnr_outside_mask_db": psnr(recon, before, ~mask), "first_frame_s": first_frame, "total_s": total,
         })
     morphed = [r for r in rows if r["loops"] > 0]
@@ -146,6 +172,9 @@ def morph_quality(detector, scored: ScoredSet, n_images: int, threads: int, conf
         "normal_after_fraction": float(np.mean([r["normal_after"] for r in morphed])),
         "typical_after_fraction": float(np.mean([r["typical_after"] for r in morphed])),
         "stalled_fraction": float(np.mean([r["stalled"] for r in morphed])),
+        "median_contrast_removed": float(np.nanmedian([r["contrast_removed"] for r in morphed])),
+        "removed_fraction": float(np.mean([r["patchcore_normal_after"] and r["contrast_removed"] >= REMOVED_CONTRAST
+                                           for r in morphed])),
         "patchcore_threshold": patchcore_threshold,
         "patchcore_normal_after_fraction": float(np.mean([r["patchcore_normal_after"] for r in morphed])),
         "max_total_s": float(max(r["total_s"] for r in morphed)),
@@ -175,8 +204,11 @@ def judged_lines(m: dict) -> list[str]:
     if "patchcore_normal_after_fraction" not in m:
         return [f"- final score below the normal threshold: **{m['normal_after_fraction']:.0%}** {loops} "
                 "(measured before the morph stopped at a typical normal part's score; no independent judge)"]
+    removed = ([f"- the defect removed (PatchCore finds the part normal and at least {REMOVED_CONTRAST:.0%} of the defect's "
+                f"contrast with the {RING_PX}-px ring around it is gone): **{m['removed_fraction']:.0%}**; median contrast "
+                f"removed {m['median_contrast_removed']:.0%}"] if "removed_fraction" in m else [])
     return [f"- judged by PatchCore (same backbone, threshold set on the held-out normal images as diffad's is; the morph "
-            f"never sees it): **{m['patchcore_normal_after_fraction']:.0%}** end normal",
+            f"never sees it): **{m['patchcore_normal_after_fraction']:.0%}** end normal", *removed,
             f"- diffad's own score at the end: as low as the median normal part's for **{m['typical_after_fraction']:.0%}** "
             f"(the stop rule), below the verdict threshold for {m['normal_after_fraction']:.0%}, {loops}; slowest morph "
             f"{m['max_total_s']:.1f} s"

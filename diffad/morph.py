@@ -60,7 +60,8 @@ class MorphConfig:
     # paper's raw gradient. The raw gradient is mostly pixel-scale texture that lowers the backbone's energy without
     # changing what the part looks like: the score then reaches a typical part's while the defect is still there.
     # Smoothed, each step must change the picture at the scale of the feature grid (stride 8); on 8 bottle defects
-    # the change inside the defect doubled and PatchCore (which the morph never sees) agreed 3 times as often.
+    # the change inside the defect doubled and PatchCore (which the morph never sees) agreed 3 times as often. A
+    # category's checkpoint may fix its own (benchmarks/select_on_validation.py --choose morph_smoothing).
     gradient_smoothing: float = 4.0
 
     @classmethod

@@ -147,14 +147,14 @@ def test_training_command_names_the_recipe():
 
 def test_the_shipped_tile_card_says_how_it_was_made_and_scores():
     """The card of the shipped magnetic_tile: trained on windows at each photo's aspect from another network, on a
-    GPU, calibrated with three pooling sizes, its morph unsmoothed; running its commands must give that model, not a
-    squashed one."""
+    GPU, calibrated with three pooling sizes, its morph smoothing chosen on validation; running its commands must give
+    that model, not a squashed one."""
     config = json.loads((CHECKPOINTS / "magnetic_tile" / "config.json").read_text())
     init, train, calibrate = training_command(config).splitlines()
     assert init == f"# --init-from {config['training']['init_from']}"
     assert "--device cuda --precision bf16" in train and '"aspect": "windows"' in train and "--net" in train
     assert "--feature-pool 1,3,9" in calibrate and '"top_k": 4096' in calibrate
-    assert calibrate.endswith("""--smoothing 0.0 --threshold-quantile 0.95 --morph '{"gradient_smoothing": 0.0}'""")
+    assert calibrate.endswith("""--smoothing 0.0 --threshold-quantile 0.95 --morph '{"gradient_smoothing": 4.0}'""")
     section = category_section(CHECKPOINTS / "magnetic_tile", config, None)
     assert "feature pooling [1, 3, 9]" in section and "windows at their own aspect" in section
     assert "(the 0.95 quantile of held-out normal images' scores)" in section

@@ -203,3 +203,21 @@ def test_a_category_fixes_its_morph_settings_through_calibrate_and_every_morph_f
     assert main(["calibrate", "--checkpoint", str(folder), "--data", str(tiny_dataset), "--smoothing", "0"]) == 0
     assert load_checkpoint(folder).morph_defaults == {"gradient_smoothing": 0}
     assert """--morph '{"gradient_smoothing": 0}'""" in training_command(json.loads((folder / "config.json").read_text()))
+
+
+def test_the_morph_benchmark_measures_how_much_of_a_defects_contrast_is_gone():
+    from benchmarks.morph_quality import contrast_removed
+
+    before = np.full((64, 64, 3), 150, np.uint8)
+    mask = np.zeros((64, 64), bool)
+    mask[20:30, 20:30] = True
+    before[mask] = 50  # a dark blowhole
+    halfway, gone, darker = before.copy(), before.copy(), before.copy()
+    halfway[mask], gone[mask], darker[mask] = 100, 150, 0
+    textured = before.copy()
+    textured[::2, ::2] += 10  # texture everywhere: the defect stands out as much as before
+    assert contrast_removed(before, before, mask) == 0.0
+    assert contrast_removed(before, halfway, mask) == pytest.approx(0.5)
+    assert contrast_removed(before, gone, mask) == 1.0
+    assert contrast_removed(before, darker, mask) == pytest.approx(-0.5)
+    assert abs(contrast_removed(before, textured, mask)) < 0.05
