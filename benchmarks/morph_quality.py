@@ -164,6 +164,7 @@ def morph_quality(detector, scored: ScoredSet, n_images: int, threads: int, conf
         grid(pairs).save(grid_path)
     return {
         "images": len(rows),
+        "threads": threads,
         "focus": config.focus,
         "gradient_smoothing": config.gradient_smoothing,
         "stop_at": config.stop_at,
@@ -225,7 +226,8 @@ def render(r: dict) -> list[str]:
                "threshold (the model misses them), so the morph had nothing to do; no morph figures for this category."]
     elif r.get("morph"):
         m = r["morph"]
-        out = [f"- morph: first frame {m['median_first_frame_s']:.2f} s, complete {m['median_total_s']:.2f} s", "",
+        threads = f" on {m['threads']} CPU thread{'s' * (m['threads'] != 1)}" if m.get("threads") else ""
+        out = [f"- morph: first frame {m['median_first_frame_s']:.2f} s, complete {m['median_total_s']:.2f} s{threads}", "",
                f"### Morph ({m['images']} defective test images outside the validation fifth, the category's settings "
                f"(focus = {m['focus']:g}, gradient smoothing {m.get('gradient_smoothing', 0):g} px); "
                f"{sum(row['loops'] == 0 for row in m.get('rows', []))} of them already scored like a typical normal part, "
