@@ -12,11 +12,13 @@ from benchmarks.baselines import PaDiM, PatchCore
 from benchmarks.common import fmt, metric_table
 from diffad import load_checkpoint
 from diffad.calibration import calibrate
-from diffad.evaluate import METRIC_NAMES, ScoredSet, Variant, metrics_for, score_test_set, scoring_for_map, validation_split
+from diffad.evaluate import (METRIC_NAMES, ScoredSet, Variant, metrics_for, on_grid, score_test_set, scoring_for_map,
+                             validation_split)
 from diffad.metrics import evaluate_maps
 from diffad.postprocess import top_k_mean
 from diffad.scoring import gaussian_blur
-from diffad.train import checkpoint_split
+from diffad.train import checkpoint_split, split_paths
+from diffad.windows import cut, stitch
 
 
 def ablations(scoring, calibration) -> dict[str, Variant]:
@@ -52,17 +54,21 @@ RECONSTRUCTION_ROW = (f"RGB error of a full reconstruction (noise to t = {RECONS
                       "classic reconstruction scoring)")
 
 
-def reconstruction_error_set(detector, holdout: torch.Tensor, test: torch.Tensor, reference: ScoredSet) -> ScoredSet:
-    """Mean-over-channels |x0 - reconstruction| maps made as the pixel KL is: the pixel maps' smoothing, then z over
-    the held-out normal images' pixels."""
-    def error_maps(images) -> np.ndarray:
-        errors = [(detector.reconstruct(x, RECONSTRUCTION_T, RECONSTRUCTION_STEPS) - x).abs().mean(0) for x in images]
-        return gaussian_blur(torch.stack(errors), detector.scoring.pixel_smoothing).numpy()
+def reconstruction_error_set(detector, holdout_paths: list, reference: ScoredSet) -> ScoredSet:
+    """Mean-over-channels |x0 - reconstruction| maps made as the pixel KL is: on the windows the model scores (one for
+    a squashed photo), stitched, the pixel maps' smoothing, then z over the held-out normal photos' pixels; the image
+    score is the top-k mean of the photo's map, compared with the masks on the R x R grid."""
+    def error_map(path) -> np.ndarray:
+        photo, layout = detector.model_input(path)
+        errors = torch.stack([(detector.reconstruct(w, RECONSTRUCTION_T, RECONSTRUCTION_STEPS) - w).abs().mean(0)
+                              for w in cut(photo, layout)])
+        return gaussian_blur(stitch(errors, layout)[None], detector.scoring.pixel_smoothing)[0].numpy()
 
-    normal = error_maps(holdout)
-    maps = (error_maps(test) - normal.mean()) / normal.std()
+    normal = np.concatenate([error_map(path).ravel() for path in holdout_paths])
+    maps = [(error_map(path) - normal.mean()) / normal.std() for path in reference.paths]
     scores = np.array([top_k_mean(m, detector.scoring.top_k) for m in maps])
-    return dataclasses.replace(reference, scores=scores, maps=maps.astype(np.float16))
+    grid = np.stack([on_grid(m, detector.resolution) for m in maps])
+    return dataclasses.replace(reference, scores=scores, maps=grid.astype(np.float16))
 
 
 # Feature-residual pooling sizes measured in the full ablation (Calibration.feature_pool), each calibrated anew;
@@ -152,7 +158,7 @@ def measure(detector, checkpoint: Path, root: Path, ablation: str = "full") -> d
     test = torch.stack([detector.preprocess(p) for p in default.paths])
     if ablation == "full":
         print(f"[{detector.category}] reconstruction-error ablation")
-        s = reconstruction_error_set(detector, holdout, test, default)
+        s = reconstruction_error_set(detector, split_paths(detector, root)[1], default)
         r["ablation"][RECONSTRUCTION_ROW] = evaluate_maps(s.labels, s.scores, s.masks, s.maps)
         for pools in FEATURE_POOLS:
             if pools == detector.calibration.feature_pool:

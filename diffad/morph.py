@@ -45,9 +45,8 @@ class MorphConfig:
     # "never": run all loops.
     stop_at: str = "typical"
     # Under "typical" or "threshold", also stop once this many loops in a row brought no new lowest score (0: never):
-    # a morph whose noise piles up faster than the denoiser removes it only makes the part look worse from then on
-    # (on a thin crack the model scores under its threshold, 16 loops of the smoothed gradient raised the score from
-    # 6 to 12).
+    # from then on a morph mostly makes the part look worse (on a thin crack the model scores under its threshold,
+    # 16 loops of the smoothed gradient raised the score from 6 to 12).
     patience: int = 3
     seed: int = 0
     # 0 is the paper's morph: every pixel is updated. Above 0, each update is weighted by the current anomaly map over
