@@ -406,9 +406,9 @@ def morph_done(status: str, last_frame, max_loops: int) -> str:
         return (status + f" — finished after {loops} loops: the part now scores like a typical normal part (by this "
                 "model's score: the repainted region carries the model's own texture, not a photo's).")
     if last_frame.stalled:
-        return (status + f" — stopped after {loops} loops: since loop {last_frame.lowest_loop} none has brought the "
-                f"score below {last_frame.lowest_score:.2f}. Try a smaller step size: smaller steps can go on lowering "
-                "the score where these stopped.")
+        return (status + f" — finished after {loops} loops, stalled: since loop {last_frame.lowest_loop} none has "
+                f"brought the score below {last_frame.lowest_score:.2f}. Try a smaller step size: smaller steps can go on "
+                "lowering the score where these stopped.")
     advice = (f"more loops, or a larger step size; for a large defect, set “{FOCUS_LABEL}” to 0 "
               "(every pixel then changes, as in the paper's morph)")
     if last_frame.is_normal:

@@ -385,7 +385,7 @@ def test_the_morph_says_what_it_reached_and_what_to_try_when_loops_run_out():
     assert "still scores as anomalous" in end(False, False) and "Try more loops" in end(False, False)
     assert f"set “{FOCUS_LABEL}” to 0" in end(False, False)  # the control the page shows, by its label
     stalled = end(False, False, stalled=True)
-    assert "stopped after 16 loops: since loop 13 none has brought the score below 5.25" in stalled
+    assert "finished after 16 loops, stalled: since loop 13 none has brought the score below 5.25" in stalled
     assert "Try a smaller step size" in stalled and "limit" not in stalled
 
 

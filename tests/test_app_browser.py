@@ -101,6 +101,8 @@ def test_main_path_example_analysis_timesteps_threshold_morph_new_photo(page, sh
     # Morph: streams, then before/after and downloads; a second morph clears them while it streams.
     page.get_by_role("tab", name="Morph to normal").click()
     set_number(page, "loops", 2)
+    # A click before the slider holds 2 would morph for the default 16 loops.
+    page.wait_for_function("Number(document.querySelector('#loops input[type=range]').value) === 2", timeout=30_000)
     page.click("#morph")
     wait_text(page, "#morph-status", "finished")
     page.wait_for_function("document.querySelectorAll('#downloads a').length >= 3", timeout=60_000)
