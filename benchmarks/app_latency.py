@@ -35,12 +35,13 @@ def main(argv=None):
 
     from benchmarks.app_server import running_app
 
+    from diffad.checkpoint import read_config
     from diffad.morph import MorphConfig
 
     defaults = MorphConfig()
     manifest = json.loads((ROOT / "examples" / args.category / "manifest.json").read_text())
     # A verdict threshold inside the slider's range (up to twice the calibrated one) that moves the verdict.
-    config = json.loads((ROOT / "checkpoints" / args.category / "config.json").read_text())
+    config = read_config(ROOT / "checkpoints" / args.category / "config.json")
     image_threshold = round(1.5 * config["calibration"]["image_threshold"], 2)
     images = args.photos or [str(ROOT / "examples" / args.category / e["file"]) for e in manifest["images"]]
     start = time.perf_counter()

@@ -8,10 +8,11 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from PIL import Image
+from scipy.ndimage import binary_dilation
 
 from benchmarks.baselines import PatchCore
 from diffad.data import list_test_samples, load_mask, read_image, to_uint8
-from diffad.evaluate import ScoredSet, validation_split
+from diffad.evaluate import ScoredSet, validation_of
 from diffad.morph import MorphConfig, matching_timestep, morph
 from diffad.train import checkpoint_split
 from diffad.visualize import outline
@@ -30,8 +31,6 @@ RING_PX = 8
 
 def defect_contrast(picture: np.ndarray, mask: np.ndarray) -> float:
     """How far the defect stands out: |mean grey level inside the mask - mean in the ring around it|."""
-    from scipy.ndimage import binary_dilation
-
     grey = picture.astype(np.float64).mean(axis=-1)
     ring = binary_dilation(mask, iterations=RING_PX) & ~mask
     return abs(float(grey[mask].mean()) - float(grey[ring].mean())) if mask.any() and ring.any() else float("nan")
@@ -263,7 +262,7 @@ def measure(detector, root, n_images: int, threads: int, grid_folder: Path | Non
     """The category's and the paper's morph on up to `n_images` defective test images the model flags, outside the
     validation fifth the category's morph settings were chosen on; with `grid_folder`, a before/after grid of each
     variant is written there (real test images: never committed)."""
-    labelled = labelled_test_set(detector, root, subset=~validation_split([x.defect for x in list_test_samples(root)]))
+    labelled = labelled_test_set(detector, root, subset=~validation_of(root))
     judge = patchcore_judge(detector, root)
     return {**{name: morph_quality(detector, labelled, n_images, threads, variant(detector), judge,
                                    grid_folder / f"{detector.category}_{name}_grid.png" if grid_folder else None)

@@ -35,8 +35,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import DATA  # noqa: E402
 from diffad import load_checkpoint  # noqa: E402
 from diffad.calibration import IMAGE_THRESHOLD_QUANTILE, SMOOTHING_CANDIDATES, calibrate  # noqa: E402
-from diffad.data import list_test_samples  # noqa: E402
-from diffad.evaluate import Variant, score_test_set, scoring_for_map, validation_split  # noqa: E402
+from diffad.evaluate import Variant, score_test_set, scoring_for_map, validation_of  # noqa: E402
 from diffad.metrics import evaluate_maps, localisation_quality  # noqa: E402
 from diffad.postprocess import top_k_mean  # noqa: E402
 from diffad.train import checkpoint_split, split_paths  # noqa: E402
@@ -55,7 +54,7 @@ def on_validation(detector, root: Path, variants: dict[str, Variant], criterion=
                   thresholds: dict[str, float] | None = None) -> dict:
     """The candidate variants compared on the validation fifth, and the best by `criterion` (default: localisation
     quality). `thresholds`: each variant's verdict threshold, adding its recall and false-positive rate there."""
-    v = validation_split([sample.defect for sample in list_test_samples(root)])  # the same split run.py excludes
+    v = validation_of(root)  # the same split run.py excludes
     scored = score_test_set(detector, root, variants, subset=v)
     results = {name: evaluate_maps(s.labels, s.scores, s.masks, s.maps) for name, s in scored.items()}
     for name, threshold in (thresholds or {}).items():
@@ -141,7 +140,7 @@ def select_threshold_quantile(detector, root: Path) -> dict:
     """The highest quantile (the fewest false alarms) whose verdicts reach the operating point on the validation
     fifth; if none does, the one with the highest recall minus false-positive rate. It changes no map and no score,
     so the validation images are scored and evaluated once."""
-    v = validation_split([sample.defect for sample in list_test_samples(root)])
+    v = validation_of(root)
     scored = score_test_set(detector, root, subset=v)["default"]
     metrics = evaluate_maps(scored.labels, scored.scores, scored.masks, scored.maps)
     candidates = {str(q): {**metrics, **at_threshold(scored, detector.calibration.with_threshold_quantile(q).image_threshold)}
@@ -167,7 +166,7 @@ def select_morph_smoothing(detector, root: Path, n_images: int = 12) -> dict:
     from benchmarks.morph_quality import labelled_test_set, morph_quality, patchcore_judge
     from diffad.morph import MorphConfig
 
-    v = validation_split([sample.defect for sample in list_test_samples(root)])
+    v = validation_of(root)
     labelled, judge = labelled_test_set(detector, root, subset=v), patchcore_judge(detector, root)
     candidates = {}
     for sigma in MORPH_SMOOTHINGS:

@@ -118,6 +118,11 @@ def validation_split(defects, fraction: float = 0.2, seed: int = 0) -> np.ndarra
     return chosen
 
 
+def validation_of(root) -> np.ndarray:
+    """The validation fifth of a category's test split (`validation_split`), in `list_test_samples` order."""
+    return validation_split([sample.defect for sample in list_test_samples(root)])
+
+
 def metrics_for(scored: ScoredSet) -> dict:
     """Overall metrics plus, per defect type, the metrics on that type together with the good images."""
     result = {"overall": evaluate_maps(scored.labels, scored.scores, scored.masks, scored.maps)}
