@@ -43,6 +43,12 @@ def contrast_removed(before: np.ndarray, after: np.ndarray, mask: np.ndarray) ->
     return 1.0 - defect_contrast(after, mask) / start if start > 0 else float("nan")
 
 
+def peak_at_defect(judge_map: np.ndarray, mask: np.ndarray) -> bool:
+    """Whether a judge's map peaks on the defect: within the RING_PX-wide ring around its mask, or inside it."""
+    y, x = np.unravel_index(np.argmax(judge_map), judge_map.shape)
+    return bool(binary_dilation(mask, iterations=RING_PX)[y, x])
+
+
 # A morph removes a defect when PatchCore then finds the part normal and at least this share of the defect's
 # contrast is gone.
 REMOVED_CONTRAST = 0.5
@@ -102,11 +108,10 @@ def ceiling_line(c: dict) -> str:
             f"loop writes where it changes the image, **{c['denoised']['normal_fraction']:.0%}** (median "
             f"{c['denoised']['median_score']:.1f}); with pixel noise of std {c['noise_std']:g} ({c['noise_std'] * 127.5:.1f} "
             f"grey levels) {c['pixel_noise']['normal_fraction']:.0%} (median {c['pixel_noise']['median_score']:.1f}). "
-            + ("The judge rejects the denoiser's own texture even on normal parts, and the morph's changed region is "
-               "made of that texture: that is what keeps the judge from agreeing more often, and a better denoiser is "
-               "what lifts it"
+            + ("The judge rejects the denoiser's texture when it covers a whole normal part; a morph repaints only the "
+               "defect's region, and where the judge's peak lies after it is in the line on the parts it still flags"
                if c["denoised"]["normal_fraction"] < 0.5 else
-               "The judge accepts the denoiser's texture on normal parts, so what it flags after a morph is the defect"))
+               "The judge accepts the denoiser's texture on normal parts"))
 
 
 def grid(pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray]], size: int = 192) -> Image.Image:
@@ -144,12 +149,16 @@ def morph_quality(detector, scored: ScoredSet, n_images: int, threads: int, conf
         before, after = (to_uint8(detector.preprocess(f.image)) for f in (frames[0], frames[-1]))
         recon = to_uint8(detector.reconstruct(detector.preprocess(path), 200, steps=10))
         inside_change = float(np.abs(after[mask].astype(float) - before[mask]).mean()) if mask.any() else float("nan")
-        judged = patchcore.predict(detector.preprocess(frames[-1].image)[None])[0][0]
+        judged_before = patchcore.predict(detector.preprocess(frames[0].image)[None])[0][0]
+        judged_scores, judged_maps = patchcore.predict(detector.preprocess(frames[-1].image)[None])
+        judged = judged_scores[0]
         pairs.append((before, after, mask))
         row.update({
             "score_after": frames[-1].score, "normal_after": frames[-1].is_normal, "typical_after": frames[-1].is_typical,
             "stalled": frames[-1].stalled,
-            "patchcore_after": float(judged), "patchcore_normal_after": bool(judged <= patchcore_threshold),
+            "patchcore_before": float(judged_before), "patchcore_after": float(judged),
+            "patchcore_normal_after": bool(judged <= patchcore_threshold),
+            "patchcore_peak_at_defect": peak_at_defect(judged_maps[0], mask),
             "energy_ratio": frames[-1].energy / frames[0].energy,
             "psnr_outside_mask_db": psnr(after, before, ~mask), "mean_abs_change_inside_mask": inside_change,
             "contrast_removed": contrast_removed(before, after, mask),
@@ -177,6 +186,11 @@ def morph_quality(detector, scored: ScoredSet, n_images: int, threads: int, conf
                                            for r in morphed])),
         "patchcore_threshold": patchcore_threshold,
         "patchcore_normal_after_fraction": float(np.mean([r["patchcore_normal_after"] for r in morphed])),
+        "median_patchcore_before": float(np.median([r["patchcore_before"] for r in morphed])),
+        "median_patchcore_after": float(np.median([r["patchcore_after"] for r in morphed])),
+        "patchcore_flagged": int(sum(not r["patchcore_normal_after"] for r in morphed)),
+        "patchcore_flagged_peak_at_defect": int(sum(not r["patchcore_normal_after"] and r["patchcore_peak_at_defect"]
+                                                    for r in morphed)),
         "max_total_s": float(max(r["total_s"] for r in morphed)),
         "median_psnr_outside_mask_db": float(np.median([r["psnr_outside_mask_db"] for r in morphed])),
         "median_reconstruction_psnr_outside_mask_db": float(np.median([r["reconstruction_psnr_outside_mask_db"] for r in morphed])),
@@ -207,8 +221,13 @@ def judged_lines(m: dict) -> list[str]:
     removed = ([f"- the defect removed (PatchCore finds the part normal and at least {REMOVED_CONTRAST:.0%} of the defect's "
                 f"contrast with the {RING_PX}-px ring around it is gone): **{m['removed_fraction']:.0%}**; median contrast "
                 f"removed {m['median_contrast_removed']:.0%}"] if "removed_fraction" in m else [])
+    flagged = ([f"- the judge's score, median: {m['median_patchcore_before']:.1f} before the morph, "
+                f"{m['median_patchcore_after']:.1f} after (threshold {m['patchcore_threshold']:.1f}); of the "
+                f"{m['patchcore_flagged']} parts it still flags, its peak lies on the defect (inside its mask or the "
+                f"{RING_PX}-px ring) for **{m['patchcore_flagged_peak_at_defect']}**: what it flags is what is left of "
+                "the defect where that holds, not the rest of the part"] if "patchcore_flagged" in m else [])
     return [f"- judged by PatchCore (same backbone, threshold set on the held-out normal images as diffad's is; the morph "
-            f"never sees it): **{m['patchcore_normal_after_fraction']:.0%}** end normal", *removed,
+            f"never sees it): **{m['patchcore_normal_after_fraction']:.0%}** end normal", *flagged, *removed,
             f"- diffad's own score at the end: as low as the median normal part's for **{m['typical_after_fraction']:.0%}** "
             f"(the stop rule), below the verdict threshold for {m['normal_after_fraction']:.0%}, {loops}; slowest morph "
             f"{m['max_total_s']:.1f} s"

@@ -221,3 +221,17 @@ def test_the_morph_benchmark_measures_how_much_of_a_defects_contrast_is_gone():
     assert contrast_removed(before, gone, mask) == 1.0
     assert contrast_removed(before, darker, mask) == pytest.approx(-0.5)
     assert abs(contrast_removed(before, textured, mask)) < 0.05
+
+
+def test_the_morph_benchmark_tells_whether_the_judge_still_flags_the_defect_or_elsewhere():
+    from benchmarks.morph_quality import RING_PX, peak_at_defect
+
+    mask = np.zeros((64, 64), bool)
+    mask[20:30, 20:30] = True
+    judge_map = np.zeros((64, 64))
+    judge_map[25, 25] = 1.0
+    assert peak_at_defect(judge_map, mask)
+    judge_map[25, 30 + RING_PX - 1] = 2.0  # in the ring around the defect
+    assert peak_at_defect(judge_map, mask)
+    judge_map[60, 60] = 3.0  # far from it
+    assert not peak_at_defect(judge_map, mask)
