@@ -13,7 +13,7 @@ from scipy.ndimage import binary_dilation
 from benchmarks.baselines import PatchCore
 from diffad.data import list_test_samples, load_mask, read_image, to_uint8
 from diffad.evaluate import ScoredSet, validation_of
-from diffad.morph import MorphConfig, matching_timestep, morph
+from diffad.morph import MorphConfig, denoising_timestep, morph
 from diffad.train import checkpoint_split
 from diffad.visualize import outline
 
@@ -88,7 +88,7 @@ def judge_ceiling(detector, judge: Judge, config: MorphConfig, seed: int = 0) ->
     The denoiser pass covers the whole image where a morph changes only part of it: it shows how much of the judge's
     verdict is texture, not a bound on the morph's figure."""
     holdout = judge.holdout
-    t = matching_timestep(detector, config.step_size, config.denoise_every)
+    t = denoising_timestep(detector, config)
     generator = torch.Generator().manual_seed(seed)
     noised = detector.diffusion.q_sample(holdout, t, torch.randn(holdout.shape, generator=generator))
     denoised = torch.cat([detector.net(batch.to(detector.device), torch.full((len(batch),), t, device=detector.device)).x0

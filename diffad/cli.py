@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     morph.add_argument("--gradient-smoothing", type=float, metavar="SIGMA",
                        help="smooth the energy gradient (pixels) so the picture changes, not its texture; 0: the "
                        f"paper's; default: the category's (else {MorphConfig.gradient_smoothing:g})")
+    morph.add_argument("--timestep", type=int, metavar="T",
+                       help="the denoising timestep; default: the category's (else matched to the noise the gradient "
+                            "steps add)")
     morph.add_argument("--stop-at", choices=STOP_RULES, default=MorphConfig.stop_at,
                        help="typical: stop once the part scores like the median normal part; threshold: once the "
                             "verdict is normal; never: run every loop")
@@ -198,10 +201,12 @@ def cmd_morph(args) -> int:
     from .morph import before_after, export_gif, export_mp4, morph
 
     detector = load_checkpoint(args.checkpoint, args.category, args.revision, device=args.device)
-    smoothing = {} if args.gradient_smoothing is None else {"gradient_smoothing": args.gradient_smoothing}
+    # Left out, these are the category's (its checkpoint's "morph" settings), not the library defaults.
+    category_settings = {name: value for name, value in (("gradient_smoothing", args.gradient_smoothing),
+                                                         ("timestep", args.timestep)) if value is not None}
     config = MorphConfig.for_detector(detector, step_size=args.step_size, denoise_every=args.denoise_every,
                                       max_loops=args.loops, seed=args.seed, focus=args.focus, stop_at=args.stop_at,
-                                      **smoothing)
+                                      **category_settings)
     frames = []
     for frame in morph(detector, args.image, config):
         frames.append(frame)

@@ -38,7 +38,9 @@ class MorphConfig:
     denoise_every: int = 5  # N_d
     # Small defects end normal within a few loops, large ones need many (stopping is early).
     max_loops: int = 16
-    # Denoising timestep; None matches the noise added by N_d steps of size s.
+    # Denoising timestep; None matches the noise added by N_d steps of size s. A category may fix a larger one
+    # (benchmarks/select_on_validation.py --choose morph_timestep): asked for a normal part from an input it takes
+    # for noisier, the denoiser repaints more of what the gradient marks.
     timestep: int | None = None
     # When to stop: "typical" once the score is no higher than the median held-out normal image's (a part that
     # merely dips under the verdict threshold can still show its defect); "threshold" once the verdict is normal;
@@ -135,6 +137,13 @@ def matching_timestep(detector: AnomalyDetector, step_size: float, steps: int) -
     return int(torch.argmin((noise_levels - added).abs()).item())
 
 
+def denoising_timestep(detector: AnomalyDetector, config: MorphConfig) -> int:
+    """The t each loop denoises at: the config's, else the one matching the noise its gradient steps add."""
+    if config.timestep is not None:
+        return int(config.timestep)
+    return matching_timestep(detector, config.step_size, config.denoise_every)
+
+
 def feature_gaussian(detector: AnomalyDetector) -> FeatureGaussian:
     if detector.calibration.gaussian is None:
         raise ValueError("this checkpoint has no feature Gaussian for the morph (run `diffad calibrate`)")
@@ -181,7 +190,7 @@ def morph(detector: AnomalyDetector, image, config: MorphConfig | None = None) -
     config = config or MorphConfig.for_detector(detector)
     config.validate(detector.diffusion.num_timesteps)
     gaussian = feature_gaussian(detector)
-    t = config.timestep if config.timestep is not None else matching_timestep(detector, config.step_size, config.denoise_every)
+    t = denoising_timestep(detector, config)
     # A photo scored at its own aspect is morphed at it too: every step works on its windows.
     x, layout = detector.model_input(image)
     x = x.to(detector.device)

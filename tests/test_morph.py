@@ -235,3 +235,34 @@ def test_the_morph_benchmark_tells_whether_the_judge_still_flags_the_defect_or_e
     assert peak_at_defect(judge_map, mask)
     judge_map[60, 60] = 3.0  # far from it
     assert not peak_at_defect(judge_map, mask)
+
+
+def test_the_morph_command_writes_the_morph_with_the_categorys_settings_unless_told_otherwise(tiny_checkpoint, defective,
+                                                                                            tmp_path, capsys):
+    import json
+
+    from diffad.cli import main
+    from tests.conftest import copy_of
+
+    folder = copy_of(tiny_checkpoint, tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["morph"] = {"gradient_smoothing": 0, "timestep": 40}
+    (folder / "config.json").write_text(json.dumps(config))
+
+    def after_image(*options) -> np.ndarray:
+        out = tmp_path / "_".join(options or ("category",))
+        assert main(["morph", "--checkpoint", str(folder), str(defective), "--out", str(out), "--loops", "1",
+                     "--stop-at", "never", *options]) == 0
+        stem = defective.stem
+        assert (out / f"{stem}_morph.gif").stat().st_size > 0 and (out / f"{stem}_morph.mp4").stat().st_size > 0
+        pair = np.asarray(Image.open(out / f"{stem}_before_after.png"))
+        return pair[:, -pair.shape[0]:]
+
+    category = after_image()
+    assert "step   5" in capsys.readouterr().out
+    library = list(morph(load_checkpoint(folder), defective, MorphConfig(gradient_smoothing=0, timestep=40, max_loops=1,
+                                                                         stop_at="never")))
+    assert np.array_equal(category, library[-1].rgb())
+    assert np.array_equal(after_image("--timestep", "40", "--gradient-smoothing", "0"), category)
+    assert not np.array_equal(after_image("--timestep", "5"), category)
+    assert not np.array_equal(after_image("--gradient-smoothing", "4"), category)
