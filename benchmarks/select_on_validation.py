@@ -1,9 +1,9 @@
 """Choose a category's feature pooling, pixel-map smoothing, pixel-map weight, combined-map smoothing, the image
-score's top-k, the verdict threshold's quantile and the morph's gradient smoothing on a validation split of its
-labelled test images.
+score's top-k, the verdict threshold's quantile and the morph's gradient smoothing and denoising timestep on a
+validation split of its labelled test images.
 
     python benchmarks/select_on_validation.py --choose feature_pool pixel_smoothing alpha smoothing top_k threshold_quantile --categories bottle
-    python benchmarks/select_on_validation.py --choose morph_smoothing --categories magnetic_tile
+    python benchmarks/select_on_validation.py --choose morph_smoothing morph_timestep --categories magnetic_tile
 
 Run the choices in that order, applying each before the next (each is judged with the ones before it in place).
 
@@ -16,7 +16,7 @@ criterion `diffad calibrate` uses for smoothing (top-k, which changes no map, by
 fifths, which the choices never saw. Writes benchmarks/CHOICE_selection.json; apply a choice with
 `diffad calibrate --checkpoint checkpoints/NAME --data DIR --feature-pool SIZES` or
 `--scoring '{"pixel_smoothing": SIGMA, "alpha": ALPHA, "top_k": K}' --smoothing SIGMA --threshold-quantile Q
---morph '{"gradient_smoothing": SIGMA}'`.
+--morph '{"gradient_smoothing": SIGMA, "timestep": T}'`.
 """
 from __future__ import annotations
 
@@ -156,26 +156,39 @@ def select_threshold_quantile(detector, root: Path) -> dict:
 
 # Sigmas (pixels at the model resolution) of the morph's gradient smoothing tried by select_morph_smoothing.
 MORPH_SMOOTHINGS = (0.0, 1.0, 2.0, 4.0)
+# Denoising timesteps tried by select_morph_timestep; None matches the noise the gradient steps add (t = 9 at the
+# default step size). A larger t asks the denoiser for a normal part from a noisier-looking input, so it repaints
+# more of what the gradient marks.
+MORPH_TIMESTEPS = (None, 20, 50, 100)
 
 
-def select_morph_smoothing(detector, root: Path, n_images: int = 12) -> dict:
-    """The morph's gradient smoothing: the category's morph with each sigma on the same `n_images` validation
-    defects, judged by how many it removes: PatchCore (which the morph never sees) then finds the part normal *and* at
-    least half of the defect's contrast with its surroundings is gone; then by the median contrast removed. PatchCore
-    alone shares the morph's backbone and passes pixel-scale texture that leaves a tile's blowhole as dark as before."""
+def select_morph_setting(detector, root: Path, field: str, values, n_images: int = 12) -> dict:
+    """One MorphConfig field: the category's morph with each value on the same `n_images` validation defects, judged
+    by how many it removes: PatchCore (which the morph never sees) then finds the part normal *and* at least half of
+    the defect's contrast with its surroundings is gone; then by the median contrast removed. PatchCore alone shares
+    the morph's backbone and passes pixel-scale texture that leaves a tile's blowhole as dark as before."""
     from benchmarks.morph_quality import labelled_test_set, morph_quality, patchcore_judge
     from diffad.morph import MorphConfig
 
     v = validation_of(root)
     labelled, judge = labelled_test_set(detector, root, subset=v), patchcore_judge(detector, root)
     candidates = {}
-    for sigma in MORPH_SMOOTHINGS:
+    for value in values:
         m = morph_quality(detector, labelled, n_images, torch.get_num_threads(),
-                          MorphConfig.for_detector(detector, gradient_smoothing=sigma), judge)
-        candidates[str(sigma)] = {key: value for key, value in m.items() if key != "rows"}
-        print(f"{detector.category} morph gradient smoothing {sigma:g}: {morph_line(candidates[str(sigma)])}", flush=True)
+                          MorphConfig.for_detector(detector, **{field: value}), judge)
+        name = json.dumps(value)
+        candidates[name] = {key: measured for key, measured in m.items() if key != "rows"}
+        print(f"{detector.category} morph {field} {name}: {morph_line(candidates[name])}", flush=True)
     result = choice(v, candidates, lambda m: (m.get("removed_fraction", 0.0), m.get("median_contrast_removed", 0.0)))
-    return {**result, "chosen": float(result["chosen"])}
+    return {**result, "chosen": json.loads(result["chosen"])}
+
+
+def select_morph_smoothing(detector, root: Path) -> dict:
+    return select_morph_setting(detector, root, "gradient_smoothing", MORPH_SMOOTHINGS)
+
+
+def select_morph_timestep(detector, root: Path) -> dict:
+    return select_morph_setting(detector, root, "timestep", MORPH_TIMESTEPS)
 
 
 def morph_line(m: dict) -> str:
@@ -190,7 +203,7 @@ def morph_line(m: dict) -> str:
 
 SELECTORS = {"feature_pool": select_feature_pool, "pixel_smoothing": select_pixel_smoothing, "alpha": select_alpha,
              "smoothing": select_smoothing, "top_k": select_top_k, "threshold_quantile": select_threshold_quantile,
-             "morph_smoothing": select_morph_smoothing}
+             "morph_smoothing": select_morph_smoothing, "morph_timestep": select_morph_timestep}
 
 
 def main(argv=None):
