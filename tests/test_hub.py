@@ -154,7 +154,7 @@ def test_the_shipped_tile_card_says_how_it_was_made_and_scores():
     assert init == f"# --init-from {config['training']['init_from']}"
     assert "--device cuda --precision bf16" in train and '"aspect": "windows"' in train and "--net" in train
     assert "--feature-pool 1,3,9" in calibrate and '"top_k": 4096' in calibrate
-    assert calibrate.endswith("""--smoothing 0.0 --threshold-quantile 0.95 --morph '{"gradient_smoothing": 4.0}'""")
+    assert calibrate.endswith("""--smoothing 0.0 --threshold-quantile 0.95 --morph '{"gradient_smoothing": 4.0, "timestep": 20}'""")
     section = category_section(CHECKPOINTS / "magnetic_tile", config, None)
     assert "feature pooling [1, 3, 9]" in section and "windows at their own aspect" in section
     assert "(the 0.95 quantile of held-out normal images' scores)" in section
