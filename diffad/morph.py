@@ -3,7 +3,8 @@
 A Gaussian model of normal backbone features (PaDiM style) gives an energy E(x) = sum over positions of the
 Mahalanobis distance of f(x) to the normal features. Each inner step moves x down the normalised gradient of E,
 x <- sqrt(1 - s^2) x - s g, which is a forward-diffusion step of variance s^2 when g is Gaussian; after every
-N_d steps the diffusion model removes that "noise" at the matching timestep.
+N_d steps the diffusion model removes that "noise" at the matching timestep, or at the larger one a category fixes
+so that the denoiser repaints what the steps mark rather than keep it.
 
 Two choices keep normal regions intact: the Gaussian is also fitted on slightly noisy normal images, so that the
 energy measures defects rather than the noise the morph itself adds; and by default (focus = 2) every update is
