@@ -407,8 +407,9 @@ def morph_done(status: str, last_frame, max_loops: int) -> str:
                 "model's score: the repainted region carries the model's own texture, not a photo's).")
     if last_frame.stalled:
         return (status + f" — finished after {loops} loops, stalled: since loop {last_frame.lowest_loop} none has "
-                f"brought the score below {last_frame.lowest_score:.2f}. Try a smaller step size: smaller steps can go on "
-                "lowering the score where these stopped.")
+                f"brought the score below {last_frame.lowest_score:.2f}. You can try a smaller step size, though it is "
+                "not sure to help: a step of 0.01 reached a lower score on 3 of 6 stalled test morphs and a higher one "
+                "on the other 3.")
     advice = (f"more loops, or a larger step size; for a large defect, set “{FOCUS_LABEL}” to 0 "
               "(every pixel then changes, as in the paper's morph)")
     if last_frame.is_normal:

@@ -386,7 +386,7 @@ def test_the_morph_says_what_it_reached_and_what_to_try_when_loops_run_out():
     assert f"set “{FOCUS_LABEL}” to 0" in end(False, False)  # the control the page shows, by its label
     stalled = end(False, False, stalled=True)
     assert "finished after 16 loops, stalled: since loop 13 none has brought the score below 5.25" in stalled
-    assert "Try a smaller step size" in stalled and "limit" not in stalled
+    assert "try a smaller step size, though it is not sure to help" in stalled and "limit" not in stalled
 
 
 def painting_of(photo: np.ndarray, painted: np.ndarray) -> dict:
