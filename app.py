@@ -142,12 +142,13 @@ normal images of the category; a photo far outside them (another product, noise)
 **The morph** walks the image down the gradient of a Gaussian model of normal features (PaDiM-style energy), in
 steps that look like diffusion noise, and every few steps lets the diffusion model denoise, only where the map is
 high, so normal regions keep their detail. It denoises as if the noise were stronger than those steps added (t = 50
-for bottle, 20 for magnetic tiles, chosen on validation defects), so that it repaints what the steps mark. It stops once the part scores like a typical normal one, or when
-three loops in a row have not lowered the score. On 12 real bottle defects it took away a median three quarters of
-the defect's contrast with its surroundings, and an independent PatchCore check passed 58% of the results; on
-magnetic tiles it takes away little (a median 15%) and stops when the score stops falling, so a tile's blowhole or
-crack stays visible (the repository's benchmarks/results.md). What is painted in is the diffusion model's own estimate, smoother
-and grainier than a photo: read the result as how the model would change the part, not as a photo of a repaired one.
+for bottle, 20 for magnetic tiles, chosen on validation defects), so that it repaints what the steps mark. It stops
+once the part scores like a typical normal one, or when three loops in a row have not lowered the score. On 12 real
+bottle defects it took away a median three quarters of the defect's contrast with its surroundings, and an
+independent PatchCore check passed 58% of the results; on magnetic tiles it takes away little (a median 15%) and
+stops when the score stops falling, so a tile's blowhole or crack stays visible (the repository's
+benchmarks/results.md). What is painted in is the diffusion model's own estimate, smoother and grainier than a photo:
+read the result as how the model would change the part, not as a photo of a repaired one.
 
 Checkpoints trained on MVTec AD (CC BY-NC-SA 4.0) and Magnetic-Tile (cite Huang et al.).
 """

@@ -146,11 +146,12 @@ def morph_quality(detector, scored: ScoredSet, n_images: int, threads: int, conf
         if not row["loops"]:
             continue
         # On the square grid of the masks and the judge (a photo morphed at its own aspect is squashed to it).
-        before, after = (to_uint8(detector.preprocess(f.image)) for f in (frames[0], frames[-1]))
+        first, last = (detector.preprocess(f.image) for f in (frames[0], frames[-1]))
+        before, after = to_uint8(first), to_uint8(last)
         recon = to_uint8(detector.reconstruct(detector.preprocess(path), 200, steps=10))
         inside_change = float(np.abs(after[mask].astype(float) - before[mask]).mean()) if mask.any() else float("nan")
-        judged_before = patchcore.predict(detector.preprocess(frames[0].image)[None])[0][0]
-        judged_scores, judged_maps = patchcore.predict(detector.preprocess(frames[-1].image)[None])
+        judged_before = patchcore.predict(first[None])[0][0]
+        judged_scores, judged_maps = patchcore.predict(last[None])
         judged = judged_scores[0]
         pairs.append((before, after, mask))
         row.update({
