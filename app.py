@@ -54,7 +54,7 @@ from diffad.demo import (
     with_all_steps,
     with_step_near,
 )
-from diffad.morph import MorphConfig, before_after, export_mp4, morph, typical_normal_score
+from diffad.morph import MorphConfig, MorphGoal, before_after, export_mp4, morph
 from diffad.paint import as_rgb, auroc_sentence, canvas, painted_mask, pixel_auroc, place_defect
 from diffad.registry import CheckpointRegistry
 from diffad.space import hub_source
@@ -507,8 +507,7 @@ def run_morph(registry: CheckpointRegistry, image_path, category, step_size, den
         yield tuple(gr.skip() for _ in MORPH_CLEARED)
         return
     yield None, None, MORPH_STARTED, None, None  # a new morph: the previous one's results go at once
-    frames, shown, threshold = [], [], detector.calibration.image_threshold
-    typical = typical_normal_score(detector)
+    frames, shown, goal = [], [], MorphGoal.of(detector, config)
     try:
         for frame in morph(detector, image_path, config):
             if REQUESTS.superseded(session, token, about):
@@ -521,7 +520,7 @@ def run_morph(registry: CheckpointRegistry, image_path, category, step_size, den
                 canvas = MorphCanvas(image_path, frames[0])
             shown.append(canvas(frames[-1]))
             amap = resize_map(frame.anomaly_map, canvas.size)
-            status, last = morph_status(frame, threshold, typical), frame
+            status, last = morph_status(frame, goal), frame
             pictures = picture_file(shown[-1]), picture_file(anomaly_picture(shown[-1], amap, detector.calibration.mask_threshold))
             yield *pictures, status, None, None
     except (DataError, ValueError) as exc:
@@ -535,7 +534,7 @@ def run_morph(registry: CheckpointRegistry, image_path, category, step_size, den
     gif, mp4 = export_morph_gif(shown, folder / "morph.gif"), export_mp4(shown, folder / "morph.mp4")
     pair = folder / "before_after.png"
     Image.fromarray(before_after(shown[0], shown[-1])).save(pair)
-    yield (*pictures, morph_done(status, last, config.max_loops), (picture_file(shown[0]), pictures[0]), [str(gif), str(mp4), str(pair)])
+    yield (*pictures, morph_done(status, last, config.max_loops, goal), (picture_file(shown[0]), pictures[0]), [str(gif), str(mp4), str(pair)])
 
 
 def make_app(registry: CheckpointRegistry) -> gr.Blocks:

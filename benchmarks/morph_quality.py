@@ -156,6 +156,7 @@ def morph_quality(detector, scored: ScoredSet, n_images: int, threads: int, conf
         pairs.append((before, after, mask))
         row.update({
             "score_after": frames[-1].score, "normal_after": frames[-1].is_normal, "typical_after": frames[-1].is_typical,
+            "reached_stop_after": frames[-1].reached_stop,
             "stalled": frames[-1].stalled,
             "patchcore_before": float(judged_before), "patchcore_after": float(judged),
             "patchcore_normal_after": bool(judged <= patchcore_threshold),
@@ -177,10 +178,12 @@ def morph_quality(detector, scored: ScoredSet, n_images: int, threads: int, conf
         "focus": config.focus,
         "gradient_smoothing": config.gradient_smoothing,
         "stop_at": config.stop_at,
+        "stop_quantile": config.stop_quantile,
         "max_loops": config.max_loops,
         "loops_used": [r["loops"] for r in morphed],
         "normal_after_fraction": float(np.mean([r["normal_after"] for r in morphed])),
         "typical_after_fraction": float(np.mean([r["typical_after"] for r in morphed])),
+        "reached_stop_fraction": float(np.mean([r["reached_stop_after"] for r in morphed])),
         "stalled_fraction": float(np.mean([r["stalled"] for r in morphed])),
         "median_contrast_removed": float(np.nanmedian([r["contrast_removed"] for r in morphed])),
         "removed_fraction": float(np.mean([r["patchcore_normal_after"] and r["contrast_removed"] >= REMOVED_CONTRAST
@@ -213,6 +216,14 @@ def timed_morph(detector, path, config: MorphConfig) -> tuple[list, float, float
     return frames, first_frame, time.perf_counter() - start
 
 
+def stop_reached(m: dict) -> str:
+    """How many morphs reached the score they stop at, when that is below a typical normal part's."""
+    if m.get("stop_at") != "typical" or m.get("stop_quantile", 0.5) >= 0.5 or "reached_stop_fraction" not in m:
+        return ""
+    return (f"at or under the {m['stop_quantile']:g} quantile of the held-out normal images' scores, where the morph "
+            f"stops, for **{m['reached_stop_fraction']:.0%}**; ")
+
+
 def judged_lines(m: dict) -> list[str]:
     """How the morph ended; results measured before the PatchCore judge and the typical-part stop say less."""
     loops = f"within {m['max_loops']} loops (loops used: {', '.join(map(str, sorted(m['loops_used'])))})"
@@ -229,8 +240,8 @@ def judged_lines(m: dict) -> list[str]:
                 "the defect where that holds, not the rest of the part"] if "patchcore_flagged" in m else [])
     return [f"- judged by PatchCore (same backbone, threshold set on the held-out normal images as diffad's is; the morph "
             f"never sees it): **{m['patchcore_normal_after_fraction']:.0%}** end normal", *flagged, *removed,
-            f"- diffad's own score at the end: as low as the median normal part's for **{m['typical_after_fraction']:.0%}** "
-            f"(the stop rule), below the verdict threshold for {m['normal_after_fraction']:.0%}, {loops}; slowest morph "
+            f"- diffad's own score at the end: {stop_reached(m)}as low as the median normal part's for "
+            f"**{m['typical_after_fraction']:.0%}**, below the verdict threshold for {m['normal_after_fraction']:.0%}, {loops}; slowest morph "
             f"{m['max_total_s']:.1f} s"
             + (f"; {m['stalled_fraction']:.0%} stopped because {MorphConfig.patience} loops in a row lowered the score no "
                "further" if "stalled_fraction" in m else "")]
@@ -248,7 +259,8 @@ def render(r: dict) -> list[str]:
         threads = f" on {m['threads']} CPU thread{'s' * (m['threads'] != 1)}" if m.get("threads") else ""
         out = [f"- morph: first frame {m['median_first_frame_s']:.2f} s, complete {m['median_total_s']:.2f} s{threads}", "",
                f"### Morph ({m['images']} defective test images outside the validation fifth, the category's settings "
-               f"(focus = {m['focus']:g}, gradient smoothing {m.get('gradient_smoothing', 0):g} px); "
+               f"(focus = {m['focus']:g}, gradient smoothing {m.get('gradient_smoothing', 0):g} px, stop at the "
+               f"{m.get('stop_quantile', 0.5):g} quantile of normal scores); "
                f"{sum(row['loops'] == 0 for row in m.get('rows', []))} of them already scored like a typical normal part, "
                f"needed no morph and are left out of these figures)", "",
                *judged_lines(m),

@@ -104,8 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the denoising timestep; default: the category's (else matched to the noise the gradient "
                             "steps add)")
     morph.add_argument("--stop-at", choices=STOP_RULES, default=MorphConfig.stop_at,
-                       help="typical: stop once the part scores like the median normal part; threshold: once the "
-                            "verdict is normal; never: run every loop")
+                       help="typical: stop once the part scores like a normal part (see --stop-quantile); threshold: "
+                            "once the verdict is normal; never: run every loop")
+    morph.add_argument("--stop-quantile", type=float, metavar="Q",
+                       help="under --stop-at typical, the quantile of held-out normal scores to reach (0.5: a typical "
+                            f"part; lower clears more of the defect); default: the category's (else {MorphConfig.stop_quantile:g})")
 
     examples = sub.add_parser("examples", help="make example images: diffusion samples plus synthetic defects")
     _add_checkpoint_args(examples)
@@ -203,14 +206,16 @@ def cmd_morph(args) -> int:
     detector = load_checkpoint(args.checkpoint, args.category, args.revision, device=args.device)
     # Left out, these are the category's (its checkpoint's "morph" settings), not the library defaults.
     category_settings = {name: value for name, value in (("gradient_smoothing", args.gradient_smoothing),
-                                                         ("timestep", args.timestep)) if value is not None}
+                                                         ("timestep", args.timestep),
+                                                         ("stop_quantile", args.stop_quantile)) if value is not None}
     config = MorphConfig.for_detector(detector, step_size=args.step_size, denoise_every=args.denoise_every,
                                       max_loops=args.loops, seed=args.seed, focus=args.focus, stop_at=args.stop_at,
                                       **category_settings)
     frames = []
     for frame in morph(detector, args.image, config):
         frames.append(frame)
-        state = " (scores like a typical normal part)" if frame.is_typical else " (under the verdict threshold)" if frame.is_normal else ""
+        state = (" (reached the stop score)" if frame.reached_stop else " (scores like a typical normal part)" if frame.is_typical
+                 else " (under the verdict threshold)" if frame.is_normal else "")
         print(f"step {frame.gradient_steps:3d}: score {frame.score:.3f} energy {frame.energy:.0f}{state}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -388,23 +388,42 @@ def step_colorbar() -> np.ndarray:
 
 
 # The morph's messages.
-def morph_status(frame, image_threshold: float, typical_score: float) -> str:
-    reached = (" — scores like a typical normal part ✅" if frame.is_typical
-               else " — under the verdict threshold" if frame.is_normal else "")
-    return (f"Step {frame.gradient_steps} (loop {frame.loop}): score **{frame.score:.2f}** (verdict threshold {image_threshold:.2f}; "
-            f"a typical normal part scores {typical_score:.2f}){reached}")
+def morph_status(frame, goal) -> str:
+    """One frame's line: its score against the verdict threshold and a typical normal part's (`goal`, a MorphGoal)."""
+    if frame.reached_stop and goal.past_typical:
+        reached = f" — scores like the most normal {goal.stop_quantile:.0%} of normal parts ✅"
+    elif frame.is_typical:
+        reached = " — scores like a typical normal part ✅" + (
+            f"; going on to {goal.stop:.2f} (the most normal {goal.stop_quantile:.0%} of normal parts) to clear what is "
+            "left of the defect" if goal.past_typical else "")
+    else:
+        reached = " — under the verdict threshold" if frame.is_normal else ""
+    return (f"Step {frame.gradient_steps} (loop {frame.loop}): score **{frame.score:.2f}** (verdict threshold "
+            f"{goal.threshold:.2f}; a typical normal part scores {goal.typical:.2f}){reached}")
 
 
 # The app's control for MorphConfig.focus, named in the morph's advice.
 FOCUS_LABEL = "Focus on what looks anomalous"
 
+# What the score says and what it does not.
+MODEL_TEXTURE = "by this model's score: the repainted region carries the model's own texture, not a photo's"
 
-def morph_done(status: str, last_frame, max_loops: int) -> str:
+
+def morph_done(status: str, last_frame, max_loops: int, goal) -> str:
     """What the morph reached, and what to try when it ran out of loops."""
     loops = last_frame.loop
+    if last_frame.is_typical and goal.past_typical and not last_frame.reached_stop:
+        ended = (f"stalled: since loop {last_frame.lowest_loop} none has brought the score below "
+                 f"{last_frame.lowest_score:.2f}" if last_frame.stalled else f"at the {max_loops}-loop limit")
+        return (status + f" — finished after {loops} loops, {ended}. The part scores like a typical normal part, but not "
+                f"yet like the most normal {goal.stop_quantile:.0%} ({goal.stop:.2f}) the morph aims for, so faint "
+                "traces of the defect may remain.")
     if last_frame.is_typical:
-        return (status + f" — finished after {loops} loops: the part now scores like a typical normal part (by this "
-                "model's score: the repainted region carries the model's own texture, not a photo's).")
+        if goal.past_typical:
+            return (status + f" — finished after {loops} loops: the part now scores like the most normal "
+                    f"{goal.stop_quantile:.0%} of normal parts, past a typical one; the loops after a typical score "
+                    f"clear what is left of the defect ({MODEL_TEXTURE}).")
+        return status + f" — finished after {loops} loops: the part now scores like a typical normal part ({MODEL_TEXTURE})."
     if last_frame.stalled:
         return (status + f" — finished after {loops} loops, stalled: since loop {last_frame.lowest_loop} none has "
                 f"brought the score below {last_frame.lowest_score:.2f}. You can try a smaller step size, though it is "

@@ -372,14 +372,22 @@ def test_pictures_shared_by_concurrent_users_are_never_half_written():
 def test_the_morph_says_what_it_reached_and_what_to_try_when_loops_run_out():
     from types import SimpleNamespace
 
-    from diffad.demo import FOCUS_LABEL, morph_done
+    from diffad.demo import FOCUS_LABEL, morph_done, morph_status
+    from diffad.morph import MorphGoal
 
-    def end(typical, normal, stalled=False):
-        return morph_done("status", SimpleNamespace(loop=16, is_typical=typical, is_normal=normal, stalled=stalled,
-                                                    lowest_score=5.25, lowest_loop=13), 16)
+    at_median = MorphGoal(threshold=28.0, typical=14.7, stop=14.7, stop_quantile=0.5)
+    past_median = MorphGoal(threshold=28.0, typical=14.7, stop=8.4, stop_quantile=0.1)
+
+    def frame(typical, normal, stalled=False, reached=None):
+        return SimpleNamespace(loop=16, gradient_steps=80, score=5.0, is_typical=typical, is_normal=normal,
+                               stalled=stalled, reached_stop=typical if reached is None else reached,
+                               lowest_score=5.25, lowest_loop=13)
+
+    def end(typical, normal, stalled=False, goal=at_median, reached=None):
+        return morph_done("status", frame(typical, normal, stalled, reached), 16, goal)
 
     assert "scores like a typical normal part" in end(True, True) and "Try" not in end(True, True)
-    # The model's score is what was reached; an independent judge still flags the repainted texture (findings).
+    # The model's score is what was reached; the repainted region is the model's texture, not a photo's.
     assert "model's own texture" in end(True, True)
     assert "under the verdict threshold, but still above a typical normal part" in end(False, True) and "Try more loops" in end(False, True)
     assert "still scores as anomalous" in end(False, False) and "Try more loops" in end(False, False)
@@ -387,6 +395,15 @@ def test_the_morph_says_what_it_reached_and_what_to_try_when_loops_run_out():
     stalled = end(False, False, stalled=True)
     assert "finished after 16 loops, stalled: since loop 13 none has brought the score below 5.25" in stalled
     assert "try a smaller step size, though it is not sure to help" in stalled and "limit" not in stalled
+    # A category that stops past a typical score says which score it reached, and when it fell short of its aim.
+    assert "scores like the most normal 10% of normal parts, past a typical one" in end(True, True, goal=past_median)
+    short = end(True, True, stalled=True, goal=past_median, reached=False)
+    assert "stalled: since loop 13" in short and "not yet like the most normal 10% (8.40)" in short
+    assert "at the 16-loop limit. The part scores like a typical normal part" in end(True, True, goal=past_median, reached=False)
+    going_on = morph_status(frame(True, True, reached=False), past_median)
+    assert "scores like a typical normal part ✅; going on to 8.40" in going_on and "typical normal part scores 14.70" in going_on
+    assert "most normal 10% of normal parts ✅" in morph_status(frame(True, True), past_median)
+    assert "going on" not in morph_status(frame(True, True), at_median)
 
 
 def painting_of(photo: np.ndarray, painted: np.ndarray) -> dict:

@@ -10,7 +10,7 @@ from diffad import load_checkpoint
 from diffad.gaussian import FeatureGaussian, fit_feature_gaussian
 from diffad.windows import square_layout
 from diffad.morph import (MorphConfig, before_after, descent_direction, energy_gradient, export_gif, export_mp4,
-                          feature_gaussian, focus_weight, morph)
+                          feature_gaussian, focus_weight, morph, MorphGoal)
 from tests.conftest import BOTTLE, needs_bottle
 
 
@@ -96,6 +96,7 @@ def test_frames_are_deterministic_and_exportable(detector, defective, tmp_path):
         (MorphConfig(focus=float("nan")), "focus"),
         (MorphConfig(gradient_smoothing=-1.0), "gradient_smoothing"),
         (MorphConfig(stop_at="normal"), "stop_at"),
+        (MorphConfig(stop_quantile=1.5), "stop_quantile"),
     ],
 )
 def test_bad_parameters_are_rejected(detector, defective, config, message):
@@ -119,7 +120,18 @@ def test_the_morph_stops_at_the_first_frame_that_scores_like_a_typical_normal_pa
         stopped = list(morph(shifted, defective, MorphConfig(denoise_every=2, max_loops=4, stop_at=rule, seed=3)))
         assert len(stopped) == expected + 1 and [f.score for f in stopped] == scores[: expected + 1]
         assert stopped[-1].is_normal and stopped[-1].is_typical == (rule == "typical")
+        assert stopped[-1].reached_stop and not any(f.reached_stop for f in stopped[:-1])
     assert np.median(calibrated.normal_scores) == median
+    # A lower quantile of the normal scores goes on past a typical part's score, to the first frame at or under it.
+    lowest = min(scores)
+    shifted.calibration = dataclasses.replace(calibrated, normal_scores=[lowest, median, median + 1])
+    config = MorphConfig(denoise_every=2, max_loops=4, stop_quantile=0.0, seed=3)
+    goal = MorphGoal.of(shifted, config)
+    assert (goal.stop, goal.typical, goal.stop_quantile) == (lowest, median, 0.0) and goal.past_typical
+    assert not MorphGoal.of(shifted, MorphConfig()).past_typical
+    deeper = list(morph(shifted, defective, config))
+    assert [f.score for f in deeper] == scores[: scores.index(lowest) + 1]
+    assert sum(f.is_typical for f in deeper) > 1 and deeper[-1].reached_stop
 
 
 def test_focus_leaves_pixels_the_model_finds_normal_untouched(detector, tiny_dataset):
@@ -237,6 +249,15 @@ def test_the_morph_benchmark_tells_whether_the_judge_still_flags_the_defect_or_e
     assert not peak_at_defect(judge_map, mask)
 
 
+def test_the_morph_benchmark_says_how_many_reached_a_stop_below_a_typical_score():
+    from benchmarks.morph_quality import stop_reached
+
+    line = stop_reached({"stop_at": "typical", "stop_quantile": 0.1, "reached_stop_fraction": 11 / 12})
+    assert "at or under the 0.1 quantile of the held-out normal images' scores, where the morph stops, for **92%**" in line
+    assert stop_reached({"stop_at": "typical", "stop_quantile": 0.5, "reached_stop_fraction": 1.0}) == ""
+    assert stop_reached({"stop_at": "never", "stop_quantile": 0.1, "reached_stop_fraction": 0.0}) == ""
+
+
 def test_the_morph_command_writes_the_morph_with_the_categorys_settings_unless_told_otherwise(tiny_checkpoint, defective,
                                                                                             tmp_path, capsys):
     import json
@@ -266,3 +287,7 @@ def test_the_morph_command_writes_the_morph_with_the_categorys_settings_unless_t
     assert np.array_equal(after_image("--timestep", "40", "--gradient-smoothing", "0"), category)
     assert not np.array_equal(after_image("--timestep", "5"), category)
     assert not np.array_equal(after_image("--gradient-smoothing", "4"), category)
+    capsys.readouterr()
+    assert main(["morph", "--checkpoint", str(folder), str(defective), "--out", str(tmp_path / "bad"),
+                 "--stop-quantile", "1.5"]) == 2
+    assert "stop_quantile must be between 0 and 1, got 1.5" in capsys.readouterr().err
