@@ -1,9 +1,9 @@
 """Choose a category's feature pooling, pixel-map smoothing, pixel-map weight, combined-map smoothing, the image
-score's top-k, the verdict threshold's quantile and the morph's gradient smoothing and denoising timestep on a
+score's top-k, the verdict threshold's quantile and the morph's gradient smoothing, denoising timestep and stop on a
 validation split of its labelled test images.
 
     python benchmarks/select_on_validation.py --choose feature_pool pixel_smoothing alpha smoothing top_k threshold_quantile --categories bottle
-    python benchmarks/select_on_validation.py --choose morph_smoothing morph_timestep --categories magnetic_tile
+    python benchmarks/select_on_validation.py --choose morph_smoothing morph_timestep morph_stop --categories magnetic_tile
 
 Run the choices in that order, applying each before the next (each is judged with the ones before it in place).
 
@@ -160,6 +160,8 @@ MORPH_SMOOTHINGS = (0.0, 1.0, 2.0, 4.0)
 # default step size). A larger t asks the denoiser for a normal part from a noisier-looking input, so it repaints
 # more of what the gradient marks.
 MORPH_TIMESTEPS = (None, 20, 50, 100)
+# Quantiles of the held-out normal scores tried as the morph's stop by select_morph_stop: 0.5 is a typical normal part.
+MORPH_STOP_QUANTILES = (0.5, 0.25, 0.1)
 
 
 def select_morph_setting(detector, root: Path, field: str, values, n_images: int = 12) -> dict:
@@ -191,6 +193,10 @@ def select_morph_timestep(detector, root: Path) -> dict:
     return select_morph_setting(detector, root, "timestep", MORPH_TIMESTEPS)
 
 
+def select_morph_stop(detector, root: Path) -> dict:
+    return select_morph_setting(detector, root, "stop_quantile", MORPH_STOP_QUANTILES)
+
+
 def morph_line(m: dict) -> str:
     if "patchcore_normal_after_fraction" not in m:
         return f"no validation defect needed a morph ({m['images']} tried)"
@@ -203,7 +209,8 @@ def morph_line(m: dict) -> str:
 
 SELECTORS = {"feature_pool": select_feature_pool, "pixel_smoothing": select_pixel_smoothing, "alpha": select_alpha,
              "smoothing": select_smoothing, "top_k": select_top_k, "threshold_quantile": select_threshold_quantile,
-             "morph_smoothing": select_morph_smoothing, "morph_timestep": select_morph_timestep}
+             "morph_smoothing": select_morph_smoothing, "morph_timestep": select_morph_timestep,
+             "morph_stop": select_morph_stop}
 
 
 def main(argv=None):
