@@ -235,7 +235,7 @@ def judged_lines(m: dict) -> list[str]:
                 f"removed {m['median_contrast_removed']:.0%}"] if "removed_fraction" in m else [])
     flagged = ([f"- the judge's score, median: {m['median_patchcore_before']:.1f} before the morph, "
                 f"{m['median_patchcore_after']:.1f} after (threshold {m['patchcore_threshold']:.1f}); of the "
-                f"{m['patchcore_flagged']} parts it still flags, its peak lies on the defect (inside its mask or the "
+                f"{m['patchcore_flagged']} part{'s' * (m['patchcore_flagged'] != 1)} it still flags, its peak lies on the defect (inside its mask or the "
                 f"{RING_PX}-px ring) for **{m['patchcore_flagged_peak_at_defect']}**: what it flags is what is left of "
                 "the defect where that holds, not the rest of the part"] if "patchcore_flagged" in m else [])
     return [f"- judged by PatchCore (same backbone, threshold set on the held-out normal images as diffad's is; the morph "
@@ -244,7 +244,7 @@ def judged_lines(m: dict) -> list[str]:
             f"**{m['typical_after_fraction']:.0%}**, below the verdict threshold for {m['normal_after_fraction']:.0%}, {loops}; slowest morph "
             f"{m['max_total_s']:.1f} s"
             + (f"; {m['stalled_fraction']:.0%} stopped because {MorphConfig.patience} loops in a row lowered the score no "
-               "further" if "stalled_fraction" in m else "")]
+               "further, and ended on their lowest-scoring frame (its loop is the one counted)" if "stalled_fraction" in m else "")]
 
 
 def render(r: dict) -> list[str]:

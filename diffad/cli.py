@@ -214,7 +214,8 @@ def cmd_morph(args) -> int:
     frames = []
     for frame in morph(detector, args.image, config):
         frames.append(frame)
-        state = (" (reached the stop score)" if frame.reached_stop else " (scores like a typical normal part)" if frame.is_typical
+        state = (" (stalled: the result is this lowest-scoring frame)" if frame.stalled else " (reached the stop score)"
+                 if frame.reached_stop else " (scores like a typical normal part)" if frame.is_typical
                  else " (under the verdict threshold)" if frame.is_normal else "")
         print(f"step {frame.gradient_steps:3d}: score {frame.score:.3f} energy {frame.energy:.0f}{state}")
     out = Path(args.out)

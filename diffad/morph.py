@@ -112,7 +112,7 @@ class MorphFrame:
     lowest_score: float  # the lowest score of this frame and every one before it
     lowest_loop: int  # the loop that reached it
     reached_stop: bool = False  # score at or under the one the morph stops at (`stop_score`)
-    stalled: bool = False  # the last frame of a morph stopped by `patience`
+    stalled: bool = False  # the result of a morph stopped by `patience`: its lowest-scoring frame, yielded again
 
     def rgb(self) -> np.ndarray:
         return to_uint8(self.image)
@@ -211,8 +211,9 @@ def blend(x: torch.Tensor, updated: torch.Tensor, weight: torch.Tensor | None) -
 
 
 def morph(detector: AnomalyDetector, image, config: MorphConfig | None = None) -> Iterator[MorphFrame]:
-    """Yield frames from the input (step 0) to a normal-looking image; stops once the score meets `config.stop_at`,
-    or, marking the last frame `stalled`, once `config.patience` loops in a row brought no new lowest score."""
+    """Yield frames from the input (step 0) to a normal-looking image; stops once the score meets `config.stop_at`.
+    Once `config.patience` loops in a row brought no new lowest score, it stops too, and yields its lowest-scoring
+    frame again, marked `stalled`, as its result."""
     config = config or MorphConfig.for_detector(detector)
     config.validate(detector.diffusion.num_timesteps)
     gaussian = feature_gaussian(detector)
@@ -235,7 +236,7 @@ def morph(detector: AnomalyDetector, image, config: MorphConfig | None = None) -
 
     with torch.no_grad():
         energy0 = float(energy(detector, gaussian, x, layout))
-    current = frame(0, 0, energy0)
+    current = best = frame(0, 0, energy0)
     yield current
     step = 0
     for loop in range(1, int(config.max_loops) + 1):
@@ -251,10 +252,12 @@ def morph(detector: AnomalyDetector, image, config: MorphConfig | None = None) -
             x = blend(x, stitch(detector.net(cut(x, layout), t_batch).x0, layout).clamp(-1, 1), weight)
             loop_energy = float(energy(detector, gaussian, x, layout))
         current = frame(step, loop, loop_energy, current)
-        if config.patience and config.stop_at != "never" and loop - current.lowest_loop >= config.patience:
-            yield replace(current, stalled=True)
-            return
+        best = current if current.lowest_loop == loop else best
         yield current
+        if config.patience and config.stop_at != "never" and loop - current.lowest_loop >= config.patience:
+            # The loops since the best frame only made the part score worse: the morph's result is that frame.
+            yield replace(best, stalled=True)
+            return
 
 
 def export_gif(frames: list[np.ndarray], path, duration_ms: int = 120) -> Path:

@@ -393,12 +393,12 @@ def test_the_morph_says_what_it_reached_and_what_to_try_when_loops_run_out():
     assert "still scores as anomalous" in end(False, False) and "Try more loops" in end(False, False)
     assert f"set “{FOCUS_LABEL}” to 0" in end(False, False)  # the control the page shows, by its label
     stalled = end(False, False, stalled=True)
-    assert "finished after 16 loops, stalled: since loop 13 none has brought the score below 5.25" in stalled
+    assert "finished, stalled: no loop after loop 13 brought the score below 5.25, so the morph ends on that loop's frame" in stalled
     assert "try a smaller step size, though it is not sure to help" in stalled and "limit" not in stalled
     # A category that stops past a typical score says which score it reached, and when it fell short of its aim.
     assert "scores like the most normal 10% of normal parts, past a typical one" in end(True, True, goal=past_median)
     short = end(True, True, stalled=True, goal=past_median, reached=False)
-    assert "stalled: since loop 13" in short and "not yet like the most normal 10% (8.40)" in short
+    assert "stalled: no loop after loop 13" in short and "not yet like the most normal 10% (8.40)" in short
     assert "at the 16-loop limit. The part scores like a typical normal part" in end(True, True, goal=past_median, reached=False)
     going_on = morph_status(frame(True, True, reached=False), past_median)
     assert "scores like a typical normal part ✅; going on to 8.40" in going_on and "typical normal part scores 14.70" in going_on

@@ -179,10 +179,13 @@ def test_a_morph_that_stops_lowering_the_score_stops_after_patience_loops(detect
     never_typical = copy.copy(detector)
     never_typical.calibration = dataclasses.replace(detector.calibration, normal_scores=[-1.0] * 3)
     stopped = list(morph(never_typical, spot, MorphConfig(stop_at="typical", patience=3, **paper)))
-    assert [f.score for f in stopped] == scores[: best + 4]
+    # Every loop streamed up to the third without a new lowest score, then the result: the lowest-scoring frame again.
+    assert [f.score for f in stopped[:-1]] == scores[: best + 4]
     assert stopped[-1].stalled and not any(f.stalled for f in stopped[:-1])
-    assert [f.lowest_score for f in stopped] == [min(scores[: i + 1]) for i in range(len(stopped))]
-    assert stopped[-1].lowest_loop == best
+    assert [f.lowest_score for f in stopped[:-1]] == [min(scores[: i + 1]) for i in range(len(stopped) - 1)]
+    result = stopped[-1]
+    assert (result.loop, result.score, result.lowest_loop) == (best, scores[best], best)
+    assert torch.equal(result.image, stopped[best].image)
     assert len(list(morph(never_typical, spot, MorphConfig(stop_at="typical", patience=0, **paper)))) == len(scores)
 
 
