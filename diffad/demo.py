@@ -395,7 +395,7 @@ def morph_status(frame, goal) -> str:
     elif frame.is_typical:
         reached = " — scores like a typical normal part ✅" + (
             f"; going on to {goal.stop:.2f} (the most normal {goal.stop_quantile:.0%} of normal parts) to clear what is "
-            "left of the defect" if goal.past_typical else "")
+            "left of the defect" if goal.past_typical and not frame.stalled else "")
     else:
         reached = " — under the verdict threshold" if frame.is_normal else ""
     return (f"Step {frame.gradient_steps} (loop {frame.loop}): score **{frame.score:.2f}** (verdict threshold "

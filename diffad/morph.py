@@ -111,7 +111,7 @@ class MorphFrame:
     is_typical: bool  # score at or under the median held-out normal image's
     lowest_score: float  # the lowest score of this frame and every one before it
     lowest_loop: int  # the loop that reached it
-    reached_stop: bool = False  # score at or under the one the morph stops at (`stop_score`)
+    reached_stop: bool = False  # score at or under the one the morph stops at (MorphGoal.stop)
     stalled: bool = False  # the result of a morph stopped by `patience`: its lowest-scoring frame, yielded again
 
     def rgb(self) -> np.ndarray:
@@ -134,7 +134,7 @@ def typical_normal_score(detector: AnomalyDetector) -> float:
 
 @dataclass(frozen=True)
 class MorphGoal:
-    """The scores a morph is told against: the verdict threshold, a typical normal part's, and the one it stops at."""
+    """The scores a morph is measured against: the verdict threshold, a typical normal part's, and the one it stops at."""
 
     threshold: float
     typical: float

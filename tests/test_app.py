@@ -404,6 +404,7 @@ def test_the_morph_says_what_it_reached_and_what_to_try_when_loops_run_out():
     assert "scores like a typical normal part ✅; going on to 8.40" in going_on and "typical normal part scores 14.70" in going_on
     assert "most normal 10% of normal parts ✅" in morph_status(frame(True, True), past_median)
     assert "going on" not in morph_status(frame(True, True), at_median)
+    assert "going on" not in morph_status(frame(True, True, stalled=True, reached=False), past_median)
 
 
 def painting_of(photo: np.ndarray, painted: np.ndarray) -> dict:
