@@ -141,7 +141,9 @@ def morph_quality(detector, scored: ScoredSet, n_images: int, threads: int, conf
             break
         path, mask = scored.paths[i], scored.masks[i]
         frames, first_frame, total = timed_morph(detector, path, config)
-        row = {"image": f"{scored.defects[i]}/{path.name}", "loops": frames[-1].loop, "score_before": frames[0].score}
+        # Loops run; a stalled morph's result is an earlier frame (`result_loop`), loop 0 when no loop lowered the score.
+        row = {"image": f"{scored.defects[i]}/{path.name}", "loops": max(f.loop for f in frames),
+               "result_loop": frames[-1].loop, "score_before": frames[0].score}
         rows.append(row)
         if not row["loops"]:
             continue
@@ -185,6 +187,7 @@ def morph_quality(detector, scored: ScoredSet, n_images: int, threads: int, conf
         "typical_after_fraction": float(np.mean([r["typical_after"] for r in morphed])),
         "reached_stop_fraction": float(np.mean([r["reached_stop_after"] for r in morphed])),
         "stalled_fraction": float(np.mean([r["stalled"] for r in morphed])),
+        "unchanged": int(sum(r["result_loop"] == 0 for r in morphed)),
         "median_contrast_removed": float(np.nanmedian([r["contrast_removed"] for r in morphed])),
         "removed_fraction": float(np.mean([r["patchcore_normal_after"] and r["contrast_removed"] >= REMOVED_CONTRAST
                                            for r in morphed])),
@@ -244,7 +247,8 @@ def judged_lines(m: dict) -> list[str]:
             f"**{m['typical_after_fraction']:.0%}**, below the verdict threshold for {m['normal_after_fraction']:.0%}, {loops}; slowest morph "
             f"{m['max_total_s']:.1f} s"
             + (f"; {m['stalled_fraction']:.0%} stopped because {MorphConfig.patience} loops in a row lowered the score no "
-               "further, and ended on their lowest-scoring frame (its loop is the one counted)" if "stalled_fraction" in m else "")]
+               "further, and ended on their lowest-scoring frame" if "stalled_fraction" in m else "")
+            + (f" ({m['unchanged']} of them the input itself: no loop lowered its score)" if m.get("unchanged") else "")]
 
 
 def render(r: dict) -> list[str]:

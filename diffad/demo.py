@@ -411,6 +411,9 @@ MODEL_TEXTURE = "by this model's score: the repainted region carries the model's
 
 def stalled_at(frame) -> str:
     """A stalled morph's end: it returned to its lowest-scoring frame."""
+    if frame.lowest_loop == 0:
+        return (f"finished, stalled: no loop lowered the score below the photo's own {frame.lowest_score:.2f}, so the "
+                "morph ends on the photo itself")
     return (f"finished, stalled: no loop after loop {frame.lowest_loop} brought the score below {frame.lowest_score:.2f}, "
             "so the morph ends on that loop's frame")
 

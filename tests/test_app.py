@@ -378,13 +378,13 @@ def test_the_morph_says_what_it_reached_and_what_to_try_when_loops_run_out():
     at_median = MorphGoal(threshold=28.0, typical=14.7, stop=14.7, stop_quantile=0.5)
     past_median = MorphGoal(threshold=28.0, typical=14.7, stop=8.4, stop_quantile=0.1)
 
-    def frame(typical, normal, stalled=False, reached=None):
+    def frame(typical, normal, stalled=False, reached=None, lowest_loop=13):
         return SimpleNamespace(loop=16, gradient_steps=80, score=5.0, is_typical=typical, is_normal=normal,
                                stalled=stalled, reached_stop=typical if reached is None else reached,
-                               lowest_score=5.25, lowest_loop=13)
+                               lowest_score=5.25, lowest_loop=lowest_loop)
 
-    def end(typical, normal, stalled=False, goal=at_median, reached=None):
-        return morph_done("status", frame(typical, normal, stalled, reached), 16, goal)
+    def end(typical, normal, stalled=False, goal=at_median, reached=None, lowest_loop=13):
+        return morph_done("status", frame(typical, normal, stalled, reached, lowest_loop), 16, goal)
 
     assert "scores like a typical normal part" in end(True, True) and "Try" not in end(True, True)
     # The model's score is what was reached; the repainted region is the model's texture, not a photo's.
@@ -395,6 +395,8 @@ def test_the_morph_says_what_it_reached_and_what_to_try_when_loops_run_out():
     stalled = end(False, False, stalled=True)
     assert "finished, stalled: no loop after loop 13 brought the score below 5.25, so the morph ends on that loop's frame" in stalled
     assert "try a smaller step size, though it is not sure to help" in stalled and "limit" not in stalled
+    assert "no loop lowered the score below the photo's own 5.25, so the morph ends on the photo itself" in end(
+        False, False, stalled=True, lowest_loop=0)
     # A category that stops past a typical score says which score it reached, and when it fell short of its aim.
     assert "scores like the most normal 10% of normal parts, past a typical one" in end(True, True, goal=past_median)
     short = end(True, True, stalled=True, goal=past_median, reached=False)
