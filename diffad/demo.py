@@ -409,20 +409,20 @@ FOCUS_LABEL = "Focus on what looks anomalous"
 MODEL_TEXTURE = "by this model's score: the repainted region carries the model's own texture, not a photo's"
 
 
-def stalled_at(frame) -> str:
-    """A stalled morph's end: it returned to its lowest-scoring frame."""
+def stalled_at(frame, patience: int) -> str:
+    """A stalled morph's end: `patience` loops after its lowest-scoring frame, it returned to that frame."""
+    ran = f"finished after {frame.lowest_loop + patience} loops, stalled: "
     if frame.lowest_loop == 0:
-        return (f"finished, stalled: no loop lowered the score below the photo's own {frame.lowest_score:.2f}, so the "
-                "morph ends on the photo itself")
-    return (f"finished, stalled: no loop after loop {frame.lowest_loop} brought the score below {frame.lowest_score:.2f}, "
-            "so the morph ends on that loop's frame")
+        return ran + f"no loop lowered the score below the photo's own {frame.lowest_score:.2f}, so the morph ends on the photo itself"
+    return (ran + f"no loop after loop {frame.lowest_loop} brought the score below {frame.lowest_score:.2f}, so the morph "
+            "ends on that loop's frame")
 
 
-def morph_done(status: str, last_frame, max_loops: int, goal) -> str:
-    """What the morph reached, and what to try when it ran out of loops."""
-    loops = last_frame.loop
+def morph_done(status: str, last_frame, config, goal) -> str:
+    """What the morph (`config`, a MorphConfig) reached, and what to try when it ran out of loops."""
+    loops, max_loops = last_frame.loop, config.max_loops
     if last_frame.is_typical and goal.past_typical and not last_frame.reached_stop:
-        ended = stalled_at(last_frame) if last_frame.stalled else f"finished after {loops} loops, at the {max_loops}-loop limit"
+        ended = stalled_at(last_frame, config.patience) if last_frame.stalled else f"finished after {loops} loops, at the {max_loops}-loop limit"
         return (status + f" — {ended}. The part scores like a typical normal part, but not yet like the most normal "
                 f"{goal.stop_quantile:.0%} ({goal.stop:.2f}) the morph aims for, so faint traces of the defect may remain.")
     if last_frame.is_typical:
@@ -432,7 +432,7 @@ def morph_done(status: str, last_frame, max_loops: int, goal) -> str:
                     f"clear what is left of the defect ({MODEL_TEXTURE}).")
         return status + f" — finished after {loops} loops: the part now scores like a typical normal part ({MODEL_TEXTURE})."
     if last_frame.stalled:
-        return (status + f" — {stalled_at(last_frame)}. You can try a smaller step size, though it is not sure to help: "
+        return (status + f" — {stalled_at(last_frame, config.patience)}. You can try a smaller step size, though it is not sure to help: "
                 "a step of 0.01 reached a lower score on 3 of 6 stalled test morphs and a higher one on the other 3.")
     advice = (f"more loops, or a larger step size; for a large defect, set “{FOCUS_LABEL}” to 0 "
               "(every pixel then changes, as in the paper's morph)")

@@ -373,7 +373,7 @@ def test_the_morph_says_what_it_reached_and_what_to_try_when_loops_run_out():
     from types import SimpleNamespace
 
     from diffad.demo import FOCUS_LABEL, morph_done, morph_status
-    from diffad.morph import MorphGoal
+    from diffad.morph import MorphConfig, MorphGoal
 
     at_median = MorphGoal(threshold=28.0, typical=14.7, stop=14.7, stop_quantile=0.5)
     past_median = MorphGoal(threshold=28.0, typical=14.7, stop=8.4, stop_quantile=0.1)
@@ -384,7 +384,7 @@ def test_the_morph_says_what_it_reached_and_what_to_try_when_loops_run_out():
                                lowest_score=5.25, lowest_loop=lowest_loop)
 
     def end(typical, normal, stalled=False, goal=at_median, reached=None, lowest_loop=13):
-        return morph_done("status", frame(typical, normal, stalled, reached, lowest_loop), 16, goal)
+        return morph_done("status", frame(typical, normal, stalled, reached, lowest_loop), MorphConfig(max_loops=16), goal)
 
     assert "scores like a typical normal part" in end(True, True) and "Try" not in end(True, True)
     # The model's score is what was reached; the repainted region is the model's texture, not a photo's.
@@ -393,9 +393,9 @@ def test_the_morph_says_what_it_reached_and_what_to_try_when_loops_run_out():
     assert "still scores as anomalous" in end(False, False) and "Try more loops" in end(False, False)
     assert f"set “{FOCUS_LABEL}” to 0" in end(False, False)  # the control the page shows, by its label
     stalled = end(False, False, stalled=True)
-    assert "finished, stalled: no loop after loop 13 brought the score below 5.25, so the morph ends on that loop's frame" in stalled
+    assert "finished after 16 loops, stalled: no loop after loop 13 brought the score below 5.25, so the morph ends on that loop's frame" in stalled
     assert "try a smaller step size, though it is not sure to help" in stalled and "limit" not in stalled
-    assert "no loop lowered the score below the photo's own 5.25, so the morph ends on the photo itself" in end(
+    assert "finished after 3 loops, stalled: no loop lowered the score below the photo's own 5.25, so the morph ends on the photo itself" in end(
         False, False, stalled=True, lowest_loop=0)
     # A category that stops past a typical score says which score it reached, and when it fell short of its aim.
     assert "scores like the most normal 10% of normal parts, past a typical one" in end(True, True, goal=past_median)
