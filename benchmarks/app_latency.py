@@ -106,7 +106,7 @@ def render(a: dict) -> list[str]:
                f"- timestep slider round trip: {a['timestep_slider_round_trip_s'] * 1000:.0f} ms for a timestep already "
                f"there, {a['timestep_first_visit_round_trip_s'] * 1000:.0f} ms for one computed on its first visit; "
                f"threshold: {a['threshold_round_trip_s'] * 1000:.0f} ms"]),
-            f"- morph round trip (the app's settings and the category's smoothing and timestep, up to {a['morph_max_loops']} loops, "
+            f"- morph round trip (the app's settings and the category's smoothing, timestep and stop, up to {a['morph_max_loops']} loops, "
             f"fewer when it stalls): {a['morph_round_trip_s']:.1f} s",
             *([f"- photos: {', '.join(a['photos'])}"] if a.get("photos") else []), ""]
 
