@@ -144,13 +144,14 @@ steps that look like diffusion noise, and every few steps lets the diffusion mod
 high, so normal regions keep their detail. It denoises as if the noise were stronger than those steps added (t = 50
 for bottle, 20 for magnetic tiles, chosen on validation defects), so that it repaints what the steps mark. It stops
 once the part scores like a normal one: for bottles, like the most normal tenth of held-out normal bottles, a few
-loops past a typical one, where an independent check still saw what was left of the defect; for magnetic tiles, like a
-typical one. It also stops when three loops in a row have not lowered the score. On 12 real bottle defects it took
-away a median three quarters of the defect's contrast with its surroundings, and an independent PatchCore check passed
-92% of the results (58% when they stopped at a typical score). On magnetic tiles it takes away almost nothing: the
-score soon stops falling, and the morph then ends on the frame that scored lowest, for a third of real tile defects the
-photo itself, so a tile's blowhole or crack stays visible (the repository's benchmarks/results.md). What is painted in is the diffusion model's own estimate, smoother and grainier than a photo:
-read the result as how the model would change the part, not as a photo of a repaired one.
+loops past a typical one, where an independent check still saw what was left of the defect; for magnetic tiles, like
+a typical one. It also stops when three loops in a row have not lowered the score. On 12 real bottle defects it took
+away a median three quarters of the defect's contrast with its surroundings, and an independent PatchCore check
+passed 92% of the results (58% when they stopped at a typical score). On magnetic tiles it takes away almost
+nothing: the score soon stops falling, and the morph then ends on the frame that scored lowest, for a third of real
+tile defects the photo itself, so a tile's blowhole or crack stays visible (the repository's benchmarks/results.md).
+What is painted in is the diffusion model's own estimate, smoother and grainier than a photo: read the result as how
+the model would change the part, not as a photo of a repaired one.
 
 Checkpoints trained on MVTec AD (CC BY-NC-SA 4.0) and Magnetic-Tile (cite Huang et al.).
 """

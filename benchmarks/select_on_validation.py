@@ -16,7 +16,7 @@ criterion `diffad calibrate` uses for smoothing (top-k, which changes no map, by
 fifths, which the choices never saw. Writes benchmarks/CHOICE_selection.json; apply a choice with
 `diffad calibrate --checkpoint checkpoints/NAME --data DIR --feature-pool SIZES` or
 `--scoring '{"pixel_smoothing": SIGMA, "alpha": ALPHA, "top_k": K}' --smoothing SIGMA --threshold-quantile Q
---morph '{"gradient_smoothing": SIGMA, "timestep": T}'`.
+--morph '{"gradient_smoothing": SIGMA, "timestep": T, "stop_quantile": Q}'`.
 """
 from __future__ import annotations
 

@@ -127,17 +127,12 @@ def check_morph_defaults(values: dict, num_timesteps: int) -> dict:
     return dict(values)
 
 
-def typical_normal_score(detector: AnomalyDetector) -> float:
-    """The median score of the category's held-out normal images."""
-    return float(np.median(detector.calibration.normal_scores))
-
-
 @dataclass(frozen=True)
 class MorphGoal:
     """The scores a morph is measured against: the verdict threshold, a typical normal part's, and the one it stops at."""
 
     threshold: float
-    typical: float
+    typical: float  # the median held-out normal image's score
     stop: float
     stop_quantile: float | None  # of the held-out normal images' scores, when the morph stops at one ("typical")
 
@@ -148,7 +143,7 @@ class MorphGoal:
             stop, quantile = float(np.quantile(normal_scores, config.stop_quantile)), config.stop_quantile
         else:
             stop, quantile = {"threshold": threshold, "never": -math.inf}[config.stop_at], None
-        return cls(threshold, typical_normal_score(detector), stop, quantile)
+        return cls(threshold, float(np.median(normal_scores)), stop, quantile)
 
     @property
     def past_typical(self) -> bool:
